@@ -1,0 +1,253 @@
+"""USB's algorithms, driven from our Accelerate loop.
+
+USB's `AlgorithmBase.__init__` builds datasets, loaders, models and optimisers itself and
+its `train()`/`process_batch` call `.cuda()`. We keep only the part we want, the algorithm:
+a subclass created on the fly turns the builders into no-ops (the model is ours, prepared
+by Accelerate), then the class's own `__init__` sets its arguments and registers its hooks
+(thresholds, pseudo-labelling, distribution alignment). The loop calls `train_step` with
+the batch keys its signature asks for and does backward/step itself.
+
+Algorithm state that USB keeps in hooks (FlexMatch's per-class accuracy, FreeMatch's
+thresholds, SoftMatch's Gaussian statistics...) is every tensor attribute of the hooks and
+of the algorithm; `AlgorithmState` saves and restores exactly that with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from .metrics import NUM_BRACKETS
+
+log = logging.getLogger(__name__)
+
+# USB vision algorithms that run with the batch we supply (x_lb, y_lb, idx_lb, idx_ulb,
+# x_ulb_w, x_ulb_s) on CPU and GPU. The rest, and why not:
+#   comatch, simmatch: allocate memory banks with .cuda() (GPU-only), comatch needs two strong views;
+#   vat: .cuda() inside train_step;  dash: its own train() loop with CUDA events;
+#   remixmatch: needs two strong views, rotated views and USB's labeled dataset object;
+#   crmatch: needs rotation views and its own model wrapper; defixmatch: needs a strong labeled view.
+SUPPORTED = (
+    "supervised",
+    "fixmatch",
+    "flexmatch",
+    "freematch",
+    "softmatch",
+    "uda",
+    "pseudolabel",
+    "adamatch",
+    "mixmatch",
+    "pimodel",
+    "meanteacher",
+)
+UNSUPPORTED_WHY = {
+    "comatch": "allocates its memory bank with .cuda() and needs two strong views",
+    "simmatch": "allocates its memory bank with .cuda() and needs labeled-set indices into a bank",
+    "vat": "calls .cuda() inside train_step",
+    "dash": "replaces the whole training loop with its own (CUDA events)",
+    "remixmatch": "needs two strong views, rotated views and USB's labeled dataset object",
+    "crmatch": "needs rotation views and its own model wrapper",
+    "defixmatch": "needs a strong view of every labeled image",
+    "fullysupervised": "use 'supervised'",
+}
+# Our own algorithms register themselves in USB's registry when imported.
+OWN_ALGORITHM_MODULES = ("aessl.ordinal",)
+
+
+def _registry():
+    import semilearn  # noqa: F401  (importing it fills the registry)
+    from semilearn.core.utils import ALGORITHMS
+
+    for name in OWN_ALGORITHM_MODULES:
+        try:
+            __import__(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return ALGORITHMS
+
+
+def available() -> list[str]:
+    reg = _registry()
+    own = [k for k in reg._dict if k not in SUPPORTED and k not in UNSUPPORTED_WHY and _is_own(reg[k])]
+    return list(SUPPORTED) + own
+
+
+def _is_own(cls) -> bool:
+    return cls.__module__.startswith("aessl.")
+
+
+class AlgorithmArgumentError(ValueError):
+    pass
+
+
+def algorithm_args(cls, name: str, user_args: dict, common: dict) -> argparse.Namespace:
+    """USB's argument namespace: common fields, then the algorithm's declared defaults,
+    then the user's `algorithm.args` (an unknown one is an error naming it)."""
+    declared = {}
+    for a in cls.get_argument() or []:
+        declared[a.name.lstrip("-")] = a.default
+    for key in user_args:
+        if key not in declared:
+            raise AlgorithmArgumentError(
+                f"algorithm.args.{key}: {name} has no argument {key!r}; it takes {sorted(declared) or 'none'}"
+            )
+    values = {**common, **declared, **dict(user_args)}
+    return argparse.Namespace(**values)
+
+
+def build_algorithm(name: str, model, *, user_args: dict, num_train_iter: int, lambda_u: float,
+                    ulb_dest_len: int, lb_dest_len: int, lb_prior=None, ema_m: float = 0.999,
+                    rank: int = 0, world_size: int = 1):
+    """An instance of USB algorithm `name` (or one of ours) bound to `model`."""
+    reg = _registry()
+    if name in UNSUPPORTED_WHY:
+        raise AlgorithmArgumentError(f"algorithm {name!r} is not supported here: {UNSUPPORTED_WHY[name]}")
+    if name not in reg._dict or (name not in SUPPORTED and not _is_own(reg[name])):
+        raise AlgorithmArgumentError(f"unknown algorithm {name!r}; choose one of {available()}")
+    cls = reg[name]
+    common = dict(
+        algorithm=name, num_classes=NUM_BRACKETS, ema_m=ema_m, epoch=1, num_train_iter=num_train_iter,
+        num_eval_iter=num_train_iter, num_log_iter=num_train_iter, ulb_loss_ratio=lambda_u, use_cat=True,
+        amp=False, clip_grad=0.0, save_name="", save_dir="", resume=False, gpu=None, rank=rank,
+        distributed=world_size > 1, world_size=world_size, ulb_dest_len=ulb_dest_len, lb_dest_len=lb_dest_len,
+        use_wandb=False, use_aim=False, lb_prior=lb_prior,
+    )
+    args = algorithm_args(cls, name, user_args, common)
+
+    class Bound(cls):
+        # USB's builders become no-ops: data, model and optimiser are the loop's.
+        def set_dataset(self):
+            return None
+
+        def set_data_loader(self):
+            return None
+
+        def set_model(self):
+            return model
+
+        def set_ema_model(self):
+            return None
+
+        def set_optimizer(self):
+            return None, None
+
+    Bound.__name__ = cls.__name__
+    algo = Bound(args, net_builder=None, tb_log=None, logger=log)
+    # Autocast is Accelerate's job (prepare() wraps the model's forward); USB's own
+    # torch.cuda.amp context would be wrong on CPU.
+    algo.amp_cm = nullcontext
+    algo.epoch = 0
+    if "self.ema." in inspect.getsource(cls):
+        # Mean Teacher reads its teacher through USB's EMA object (apply_shadow/restore).
+        from semilearn.core.utils import EMA
+
+        algo.ema = EMA(model, ema_m)
+        algo.ema.register()
+    return algo
+
+
+def step_inputs(algo, batch: dict) -> dict:
+    """The batch keys the algorithm's train_step takes, nothing else."""
+    params = inspect.signature(algo.train_step).parameters
+    return {k: v for k, v in batch.items() if k in params and v is not None}
+
+
+def after_optimizer_step(algo) -> None:
+    algo.it += 1
+    if getattr(algo, "ema", None) is not None:
+        algo.ema.update()
+
+
+def log_figures(algo, log_dict: dict) -> dict:
+    """train/unsup_loss -> unsup_loss, and the algorithm's thresholds where it has them."""
+    out = {}
+    for k, v in (log_dict or {}).items():
+        key = k.split("/", 1)[-1]
+        out[key] = float(v.item() if torch.is_tensor(v) else v)
+    if "util_ratio" in out:
+        out["pseudo_label_rate"] = out.pop("util_ratio")
+    out.update(threshold_figures(algo))
+    return out
+
+
+def threshold_figures(algo) -> dict:
+    """Current per-bracket thresholds (where the algorithm has them) as flat keys."""
+    hooks = getattr(algo, "hooks_dict", {})
+    masking = hooks.get("MaskingHook")
+    out = {}
+    if hasattr(algo, "current_thresholds"):
+        thr = algo.current_thresholds()
+    elif masking is not None and hasattr(masking, "time_p") and hasattr(masking, "p_model"):  # FreeMatch
+        mod = masking.p_model / torch.max(masking.p_model)
+        thr = masking.time_p * mod
+    elif masking is not None and hasattr(masking, "classwise_acc"):  # FlexMatch
+        acc = masking.classwise_acc
+        thr = algo.p_cutoff * (acc / (2.0 - acc))
+    elif hasattr(algo, "p_cutoff"):
+        thr = torch.full((NUM_BRACKETS,), float(algo.p_cutoff))
+    else:
+        return out
+    thr = torch.as_tensor(thr, dtype=torch.float32).flatten().cpu()
+    if thr.numel() == NUM_BRACKETS:
+        for b, t in enumerate(thr.tolist()):
+            out[f"threshold_{b}"] = t
+    return out
+
+
+def thresholds_for_export(algo) -> list[float]:
+    fig = threshold_figures(algo)
+    if not fig:
+        return []
+    return [fig[f"threshold_{b}"] for b in range(NUM_BRACKETS)]
+
+
+class AlgorithmState:
+    """state_dict/load_state_dict over every tensor the algorithm and its hooks keep,
+    so Accelerate's save_state/load_state carry it (register_for_checkpointing)."""
+
+    def __init__(self, algo):
+        self.algo = algo
+
+    def _owners(self):
+        yield "algo", self.algo
+        for name, hook in getattr(self.algo, "hooks_dict", {}).items():
+            yield f"hook.{name}", hook
+        if getattr(self.algo, "ema", None) is not None:
+            yield "usb_ema", self.algo.ema
+
+    def state_dict(self) -> dict:
+        state = {"it": torch.tensor(self.algo.it)}
+        for prefix, owner in self._owners():
+            for attr, value in vars(owner).items():
+                if attr in ("model", "ema_model", "args"):
+                    continue
+                if torch.is_tensor(value):
+                    state[f"{prefix}.{attr}"] = value.detach().cpu().clone()
+                elif attr == "shadow" and isinstance(value, dict):
+                    for k, v in value.items():
+                        state[f"{prefix}.shadow.{k}"] = v.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.algo.it = int(state["it"])
+        owners = dict(self._owners())
+        for key, value in state.items():
+            if key == "it":
+                continue
+            if ".shadow." in key:
+                prefix, name = key.split(".shadow.", 1)
+                shadow = owners[prefix].shadow
+                shadow[name] = value.to(shadow[name].device) if name in shadow else value
+                continue
+            prefix, attr = key.rsplit(".", 1)
+            owner = owners.get(prefix)
+            if owner is None:
+                raise KeyError(f"checkpoint holds state for {prefix!r}, which this algorithm does not have")
+            current = getattr(owner, attr, None)
+            device = current.device if torch.is_tensor(current) else value.device
+            setattr(owner, attr, value.to(device))

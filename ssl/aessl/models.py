@@ -1,0 +1,167 @@
+"""timm backbones for bracket scoring, and the `model/` folder that outlives the training run.
+
+A model is fully described by its timm name, the number of brackets and a few keyword
+arguments; `model/config.json` records exactly that plus the image size and normalisation,
+so `load_model_folder` needs no training config. `model.safetensors` holds the timm
+backbone's own state dict: the same file loads with plain
+`timm.create_model(name, num_classes=11, pretrained=True, pretrained_cfg_overlay={"file": ...})`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .metrics import NUM_BRACKETS
+
+MODEL_FORMAT = "aessl-model"
+MODEL_FORMAT_VERSION = 1
+
+
+class WeightsUnavailable(RuntimeError):
+    pass
+
+
+class ScoreModel(nn.Module):
+    """A timm backbone that answers the way USB's algorithms expect.
+
+    forward(x) -> {'logits': N x 11, 'feat': N x D}; forward(feat, only_fc=True) -> logits;
+    forward(x, only_feat=True) -> feat."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = backbone.num_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, x, only_fc: bool = False, only_feat: bool = False, **_):
+        if only_fc:
+            return self.backbone.get_classifier()(x)
+        feat = self.features(x)
+        if only_feat:
+            return feat
+        return {"logits": self.backbone.get_classifier()(feat), "feat": feat}
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"pretrained weights for {name!r} could not be loaded (no model hub is reachable from here, "
+        "or the name is unknown). Point at a local weights file instead: "
+        "model.pretrained=/path/to/model.safetensors (or .pth/.bin), or train from scratch with "
+        "model.pretrained=false."
+    )
+
+
+def create_backbone(name: str, pretrained=False, num_classes: int = NUM_BRACKETS, **kwargs) -> nn.Module:
+    """timm.create_model with our three kinds of `pretrained`: False, True, or a local file."""
+    if isinstance(pretrained, (str, os.PathLike)) and str(pretrained).lower() not in ("true", "false"):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailable(f"model.pretrained: weights file not found: {path}")
+        try:
+            # timm loads the file (safetensors, or torch.load with weights_only) and adapts
+            # the classifier to `num_classes` as it does for Hub weights.
+            return timm.create_model(
+                name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+            )
+        except RuntimeError as exc:
+            raise WeightsUnavailable(f"model.pretrained: {path} does not fit {name!r}: {exc}") from exc
+    want = str(pretrained).lower() == "true" if isinstance(pretrained, str) else bool(pretrained)
+    if name.startswith("hf-hub:") or want:
+        try:
+            return timm.create_model(name, pretrained=want, num_classes=num_classes, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise WeightsUnavailable(f"unknown timm model {name!r}") from exc
+            raise WeightsUnavailable(_offline_hint(name) + f" [{type(exc).__name__}: {exc}]") from exc
+        except Exception as exc:  # hub / network errors come in many types
+            raise WeightsUnavailable(_offline_hint(name) + f" [{type(exc).__name__}: {exc}]") from exc
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:
+        raise WeightsUnavailable(f"unknown timm model {name!r}: {exc}") from exc
+
+
+def data_config(backbone: nn.Module, image_size: int, crop_pct: float = 1.0) -> dict:
+    """Normalisation and interpolation from the backbone's pretrained config, at our size."""
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    return {
+        "image_size": int(image_size),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "crop_pct": float(crop_pct),
+    }
+
+
+def build_model(model_cfg, image_size: int, crop_pct: float = 1.0) -> tuple[ScoreModel, dict]:
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    if model_cfg.get("drop_rate"):
+        kwargs["drop_rate"] = float(model_cfg["drop_rate"])
+    backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), **kwargs)
+    info = {
+        "architecture": model_cfg["name"],
+        "num_classes": NUM_BRACKETS,
+        "model_kwargs": kwargs,
+        **data_config(backbone, image_size, crop_pct),
+    }
+    return ScoreModel(backbone), info
+
+
+def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write model.safetensors + config.json atomically (a temp folder renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **info, **(extra or {})}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if folder.exists():
+        import shutil
+
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """Accept a model/ folder or a run folder that contains one."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    raise FileNotFoundError(f"{path}: not a model folder (needs config.json and model.safetensors) or a run folder with model/")
+
+
+def load_model_folder(path: str | Path, device="cpu") -> tuple[ScoreModel, dict]:
+    folder = resolve_model_folder(path)
+    info = json.loads((folder / "config.json").read_text())
+    if info.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{folder / 'config.json'}: not an {MODEL_FORMAT} config (format={info.get('format')!r})")
+    backbone = timm.create_model(
+        info["architecture"], pretrained=False, num_classes=info["num_classes"], **info.get("model_kwargs", {})
+    )
+    state = load_file(str(folder / "model.safetensors"), device="cpu")
+    backbone.load_state_dict(state)
+    model = ScoreModel(backbone).to(device).eval()
+    return model, info

@@ -1,0 +1,70 @@
+"""Where the data comes from when the config does not say: the user's folders or the demo set.
+
+`data.labeled: null` means: use `labeled/` (and `unlabeled/`) beside the scripts when they
+hold images, otherwise generate the synthetic demo set once into
+`data.synthetic.cache_dir` (never into labeled/ or unlabeled/) and train on that.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .images import is_image_file
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _has_images(folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    for p in folder.rglob("*"):
+        if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.parts):
+            return True
+    return False
+
+
+def resolve_sources(data_cfg, is_main: bool = True, wait=lambda: None) -> dict:
+    """{'labeled', 'unlabeled', 'test', 'truth', 'origin'} for this run.
+
+    `wait` is called between generation (main process) and use (all processes)."""
+    if data_cfg.get("labeled"):
+        wait()
+        return {
+            "labeled": str(data_cfg["labeled"]),
+            "unlabeled": str(data_cfg["unlabeled"]) if data_cfg.get("unlabeled") else None,
+            "test": str(data_cfg["test"]) if data_cfg.get("test") else None,
+            "truth": None,
+            "origin": "config",
+        }
+    user_labeled, user_unlabeled = REPO_ROOT / "labeled", REPO_ROOT / "unlabeled"
+    if _has_images(user_labeled):
+        wait()
+        return {
+            "labeled": str(user_labeled),
+            "unlabeled": str(data_cfg["unlabeled"]) if data_cfg.get("unlabeled") else (str(user_unlabeled) if _has_images(user_unlabeled) else None),
+            "test": str(data_cfg["test"]) if data_cfg.get("test") else None,
+            "truth": None,
+            "origin": "labeled/",
+        }
+    syn = data_cfg["synthetic"]
+    out = Path(syn["cache_dir"])
+    if not out.is_absolute():
+        out = REPO_ROOT / out
+    out = out / f"l{syn['labeled']}_u{syn['unlabeled']}_t{syn['test']}_s{syn['size']}_seed{syn['seed']}"
+    if is_main:
+        from .synth import generate
+
+        log.info("no scored images in %s: using the synthetic demo set in %s", user_labeled, out)
+        generate(out, labeled=int(syn["labeled"]), unlabeled=int(syn["unlabeled"]), test=int(syn["test"]),
+                 size=int(syn["size"]), seed=int(syn["seed"]))
+    wait()
+    return {
+        "labeled": str(out / "labeled"),
+        "unlabeled": str(data_cfg["unlabeled"]) if data_cfg.get("unlabeled") else str(out / "unlabeled"),
+        "test": str(data_cfg["test"]) if data_cfg.get("test") else str(out / "test"),
+        "truth": str(out / "truth.parquet"),
+        "origin": "synthetic",
+    }
