@@ -244,6 +244,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=steps, initial=start_step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
     window: dict[str, list] = {}
     last_metrics, t0 = None, time.time()
+    kill_at_step = int(os.environ.get("AESSL_KILL_AT_STEP", "0"))
     for step in range(start_step, steps):
         for _ in range(int(tcfg.grad_accum)):
             batch = next(lb_iter)
@@ -297,6 +298,8 @@ def main(argv=None) -> int:
                                    "num_processes": world})
                 ckpt.publish(run_dir, done, int(tcfg.keep_checkpoints))
             accelerator.wait_for_everyone()
+        if done == kill_at_step:  # fault injection for the resume tests: die like a SIGKILL would
+            os._exit(137)
     bar.close()
 
     # ---------------------------------------------------------------- final model

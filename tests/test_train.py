@@ -1,0 +1,252 @@
+"""The training foundation end to end: train, checkpoint, kill, resume, bad data, processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("aessl_train_script", ROOT / "ssl" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def train_in_process(*overrides) -> int:
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return _load_train_module().main(["--config", str(ROOT / "configs" / "demo.yaml"), *TINY, *overrides])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def data_args(toy):
+    return [f"data.labeled={toy['labeled']}", f"data.test={toy['test']}", f"data.unlabeled={toy['unlabeled']}"]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+REQUIRED_KEYS = {"step", "mae", "qwk", "spearman", "accuracy", "accuracy_within_1", "false_positive_rate",
+                 "top_k_precision", "skipped_images"}
+
+
+def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
+    common = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6",
+              "train.eval_every=3", "train.save_every=3", "algorithm.name=flexmatch", "data.num_workers=2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_script("train.py", *common, f"output_dir={whole}")
+    killed = run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "5"}, check=False)
+    assert killed.returncode == 137
+    assert not (broken / "model").exists()
+    # a checkpoint write interrupted half-way leaves a temp folder: it must be ignored
+    (broken / "checkpoints" / ".tmp-step_0000006").mkdir()
+    assert [p.name for p in (broken / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_0000003"]
+    run_script("train.py", *common, f"output_dir={broken}", "resume=true")
+    a, b = read_metrics(whole), read_metrics(broken)
+    assert [m["step"] for m in b] == [3, 6]
+    assert a == b  # every figure, algorithm thresholds included, identical
+    assert REQUIRED_KEYS <= set(a[-1]) and "threshold_0" in a[-1]
+    assert (broken / "model" / "model.safetensors").is_file()
+    assert not (broken / "checkpoints" / ".tmp-step_0000006").exists()
+    from aessl.models import load_model_folder
+
+    model, info = load_model_folder(broken / "model")
+    assert info["architecture"] == "test_resnet" and info["image_size"] == 32 and len(info["mean"]) == 3
+
+
+def test_refuses_to_overwrite_a_run(toy_data, tmp_path):
+    run = tmp_path / "run"
+    assert train_in_process(*data_args(toy_data), "train.steps=2", "train.eval_every=2", f"output_dir={run}",
+                            "algorithm.name=supervised") == 0
+    assert train_in_process(*data_args(toy_data), "train.steps=2", f"output_dir={run}",
+                            "algorithm.name=supervised") == 2
+
+
+ALGOS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "uda", "pseudolabel", "adamatch",
+         "mixmatch", "pimodel", "meanteacher"]
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_every_supported_usb_algorithm_trains(name, toy_data, tmp_path):
+    run = tmp_path / name
+    assert train_in_process(*data_args(toy_data), "train.steps=2", "train.eval_every=2", "train.save_every=2",
+                            f"algorithm.name={name}", "algorithm.args={}", f"output_dir={run}") == 0
+    m = read_metrics(run)[-1]
+    assert REQUIRED_KEYS <= set(m) and m["step"] == 2 and np.isfinite(m["mae"])
+
+
+def test_two_cpu_processes_really_are_two(toy_data, tmp_path):
+    run = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_script("train.py", "--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=4",
+               "train.eval_every=2", "train.save_every=2", f"output_dir={run}", launcher=launcher,
+               env={"ACCELERATE_USE_CPU": "1"})
+    assert json.loads((run / "run.json").read_text())["num_processes"] == 2
+    m = read_metrics(run)
+    assert [x["num_processes"] for x in m] == [2, 2]
+    assert m[-1]["num_images"] == 33  # the gathered evaluation covers the whole test set once
+    # and resumes on two processes
+    shutil.rmtree(run / "model")
+    run_script("train.py", "--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6",
+               "train.eval_every=2", "train.save_every=2", f"output_dir={run}", "resume=true", launcher=launcher,
+               env={"ACCELERATE_USE_CPU": "1"})
+    assert [x["step"] for x in read_metrics(run)] == [2, 4, 6]
+
+
+def test_draws_shard_without_duplicates():
+    """Two processes take disjoint draws; one epoch of draws covers every image once."""
+    from aessl.data import DrawBatchSampler, DrawDataset
+
+    n, bsz = 37, 4
+    table = {"score": [0.0] * n}
+
+    class Table(dict):
+        def __len__(self):
+            return n
+
+    ds = DrawDataset(Table(table), "labeled", weak=None, seed=3)
+    draws = {r: [] for r in range(2)}
+    for r in range(2):
+        it = iter(DrawBatchSampler(bsz, r, 2))
+        for _ in range(5):
+            draws[r] += next(it)
+    assert not set(draws[0]) & set(draws[1])
+    all_draws = sorted(draws[0] + draws[1])
+    assert all_draws == list(range(40))
+    images = [int(ds._permutation(d // n)[d % n]) for d in all_draws[:n]]
+    assert sorted(images) == list(range(n))
+
+
+def _broken_set(root: Path) -> dict:
+    make_scored_set(root, per_bracket=2, brackets=[0, 5])
+    (root / "abc").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "abc" / "x.png")
+    (root / "12_too_high").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "12_too_high" / "y.png")
+    (root / "05" / "empty.png").write_bytes(b"")
+    good = (root / "05" / "img_5_0.png").read_bytes()
+    (root / "05" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "00" / "notes.jpg").write_text("this is not an image")
+    Image.new("RGB", (8, 8)).save(root / "loose.png")
+    return {"abc": "folder name", "12_too_high": "out of range", "empty.png": "empty", "truncated.png": "",
+            "notes.jpg": "not an image", "loose.png": "outside a bracket folder"}
+
+
+def test_broken_labeled_set_one_error_exit_2_nothing_written(tmp_path):
+    expected = _broken_set(tmp_path / "bad")
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, f"data.labeled={tmp_path / 'bad'}", "algorithm.name=supervised",
+                      f"output_dir={run}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "6 problem(s)" in err
+    for name, why in expected.items():
+        line = next(l for l in err.splitlines() if name in l)
+        assert why in line, line
+    assert "Traceback" not in err
+    assert not run.exists()
+
+
+def test_broken_manifest_lists_every_row(tmp_path):
+    make_scored_set(tmp_path / "imgs", per_bracket=1, brackets=[2, 3])
+    rows = [("imgs/02/img_2_0.png", "2"), ("imgs/03/img_3_0.png", "11"), ("imgs/missing.png", "4"),
+            ("imgs/03/img_3_0.png", "abc")]
+    (tmp_path / "m.csv").write_text("path,score\n" + "".join(f"{p},{s}\n" for p, s in rows))
+    from aessl.data import LabeledSetError, load_scored_set
+
+    with pytest.raises(LabeledSetError) as exc:
+        load_scored_set(tmp_path / "m.csv")
+    text = str(exc.value)
+    assert "3 problem(s)" in text and "out of range" in text and "missing.png: file not found" in text
+    assert "'abc' is not a number" in text
+
+
+def test_fractional_manifest_scores_load(tmp_path):
+    make_scored_set(tmp_path / "imgs", per_bracket=1, brackets=[2, 7])
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": "imgs/02/img_2_0.png", "score": 2.4, "rater": "a"}) + "\n"
+        + json.dumps({"path": "imgs/07/img_7_0.png", "score": 6.6, "rater": "b"}) + "\n")
+    from aessl.data import load_scored_set
+
+    ds = load_scored_set(tmp_path / "m.jsonl")
+    assert ds["bracket"] == [2, 7] and ds["score"] == [2.4, 6.6] and ds["rater"] == ["a", "b"]
+
+
+def test_unreadable_pool_images_are_skipped_and_counted(toy_data, tmp_path):
+    pool = make_pool(tmp_path / "pool", n=12)
+    (pool / "zero.png").write_bytes(b"")
+    (pool / "text.jpg").write_text("hello")
+    good = next(pool.rglob("*.jpg")).read_bytes()
+    (pool / "cut.jpg").write_bytes(good[:200])
+    run = tmp_path / "run"
+    # 3 steps x 16 unlabeled draws > 15 pool images: every file is met at least once
+    assert train_in_process(f"data.labeled={toy_data['labeled']}", f"data.test={toy_data['test']}",
+                            f"data.unlabeled={pool}", "train.steps=3", "train.eval_every=3",
+                            f"output_dir={run}") == 0
+    assert read_metrics(run)[-1]["skipped_images"] == 3
+
+
+def test_streaming_pool_from_saved_dataset(toy_data, tmp_path):
+    import datasets
+
+    paths = sorted(str(p) for p in Path(toy_data["unlabeled"]).rglob("*.jpg"))
+    ds = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "saved"))
+    run = tmp_path / "run"
+    assert train_in_process(f"data.labeled={toy_data['labeled']}", f"data.test={toy_data['test']}",
+                            f"data.unlabeled={tmp_path / 'saved'}", "data.streaming=true", "train.steps=2",
+                            "train.eval_every=2", f"output_dir={run}") == 0
+    assert read_metrics(run)[-1]["step"] == 2
+
+
+def test_unknown_key_and_bad_algorithm_are_clear_errors(toy_data, tmp_path):
+    proc = run_script("train.py", "train.stepz=3", check=False)
+    assert proc.returncode == 2 and "train.stepz" in proc.stderr and "Traceback" not in proc.stderr
+    assert train_in_process(*data_args(toy_data), "algorithm.name=comatch", f"output_dir={tmp_path / 'a'}") == 2
+    assert train_in_process(*data_args(toy_data), "algorithm.args.p_cutof=0.9", f"output_dir={tmp_path / 'b'}") == 2
+    assert train_in_process(*data_args(toy_data), "model.pretrained=/nowhere/w.safetensors",
+                            f"output_dir={tmp_path / 'c'}") == 2
+
+
+def test_local_pretrained_weights_load(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from aessl.models import build_model
+
+    src = timm.create_model("test_resnet", num_classes=5)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model, _ = build_model({"name": "test_resnet", "pretrained": str(tmp_path / "w.safetensors")}, 32)
+    got = model.backbone.state_dict()
+    key = next(k for k in got if k.endswith("conv1.weight") or "conv" in k)
+    assert torch.equal(got[key], src.state_dict()[key])
+    assert model(torch.zeros(2, 3, 32, 32))["logits"].shape == (2, 11)
+
+
+def test_import_ssl_gets_the_standard_library():
+    assert not (ROOT / "ssl" / "__init__.py").exists() and not (ROOT / "ssl" / "ssl.py").exists()
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for prelude in ("", "import sys; sys.path.insert(0, 'ssl'); "):
+        out = subprocess.run([sys.executable, "-c", prelude + "import ssl, urllib.request; print(ssl.__file__); "
+                              "print(type(ssl.create_default_context()).__name__)"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out == [str(Path(stdlib) / "ssl.py"), "SSLContext"]
