@@ -1,0 +1,37 @@
+"""Config overrides and the held-out split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aessl.config import ConfigError, load_config
+from aessl.data import stratified_split
+from conftest import ROOT
+
+
+def test_overrides_types_and_unknown_keys(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.steps=7", "model.pretrained=/w/x.safetensors",
+                                                        "algorithm.args.p_cutoff=0.8", "resume=true"])
+    assert cfg.train.steps == 7 and cfg.model.pretrained == "/w/x.safetensors" and cfg.resume is True
+    assert cfg.algorithm.args.p_cutoff == 0.8
+    for bad in ("train.stepz=1", "nope=1", "data.synthetic.sizes=3"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(None, [bad])
+    (tmp_path / "c.yaml").write_text("train:\n  stepss: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*train\.stepss"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_stratified_split_is_fixed_and_stratified():
+    brackets = np.repeat(np.arange(11), [31, 162, 533, 675, 690, 576, 228, 95, 54, 29, 7])
+    a = stratified_split(brackets, 0.1, seed=0)
+    assert np.array_equal(a, stratified_split(brackets, 0.1, seed=0))
+    assert not np.array_equal(a, stratified_split(brackets, 0.1, seed=1))
+    for b, n in enumerate([31, 162, 533, 675, 690, 576, 228, 95, 54, 29, 7]):
+        got = int(a[brackets == b].sum())
+        assert got == min(int(np.floor(n * 0.1 + 0.5)), n - 1)
+    # a bracket with a single image stays in training
+    assert not stratified_split(np.array([0, 1, 1, 1]), 0.5, seed=0)[0]

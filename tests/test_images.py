@@ -1,0 +1,113 @@
+"""Image decoding over odd modes and files, and the strong view over many seeds."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aessl.images import MAX_IMAGE_PIXELS, UnreadableImage, load_image
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    files = {
+        "rgba": _save(rgb.convert("RGBA"), tmp_path / "a.png"),
+        "p": _save(rgb.convert("P"), tmp_path / "p.png"),
+        "la": _save(rgb.convert("LA"), tmp_path / "la.png"),
+        "l": _save(rgb.convert("L"), tmp_path / "l.jpg"),
+        "cmyk": _save(rgb.convert("CMYK"), tmp_path / "c.jpg"),
+        "i16": _save(Image.fromarray((rng.integers(0, 65535, (20, 30))).astype(np.uint16)), tmp_path / "i16.png"),
+        "webp": _save(rgb, tmp_path / "w.webp"),
+        "bmp": _save(rgb, tmp_path / "b.bmp"),
+    }
+    frames = [Image.new("RGB", (30, 20), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    files["gif"] = tmp_path / "anim.gif"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rgb.save(tmp_path / "rot.jpg", exif=exif)
+    files["exif"] = tmp_path / "rot.jpg"
+    return files
+
+
+def test_odd_modes_decode_to_rgb(odd_images):
+    for name, path in odd_images.items():
+        img = load_image(path)
+        assert img.mode == "RGB", name
+    assert load_image(odd_images["exif"]).size == (20, 30)  # EXIF orientation applied
+    r, g, _ = load_image(odd_images["gif"]).getpixel((0, 0))
+    assert r > 200 and g < 50  # the first frame (red), not the second (green)
+    # 16-bit greyscale is scaled, not clipped to white
+    assert np.asarray(load_image(odd_images["i16"])).mean() < 200
+    # transparent pixels become white, not black
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    clear.save(buf, format="PNG")
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_bad_files_raise_with_reason(tmp_path):
+    good = tmp_path / "g.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(good)
+    cases = {
+        "zero.png": b"",
+        "text.png": b"not an image at all",
+        "trunc.png": good.read_bytes()[:60],
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UnreadableImage) as exc:
+            load_image(tmp_path / name)
+        assert exc.value.path.endswith(name) and exc.value.reason
+    with pytest.raises(UnreadableImage, match="file not found|cannot read"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_decompression_bomb_is_refused_not_decoded(tmp_path):
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 100
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")
+    with pytest.raises(UnreadableImage, match="decompression-bomb"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_strong_and_weak_views_survive_many_seeds_and_modes(odd_images):
+    """USB RandAugment over many seeds and every image mode: no crash (Pillow 13 posterize)."""
+    from aessl.data import seed_everything_for
+    from aessl.transforms import eval_transform, train_transforms
+
+    info = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 1.0}
+    weak, strong = train_transforms(info, {"weak_scale_min": 0.8, "strong_n": 3, "strong_m": 10,
+                                           "strong_exclude_color": False})
+    ev = eval_transform(info)
+    images = [load_image(p) for p in odd_images.values()]
+    for seed in range(150):
+        seed_everything_for(seed)
+        img = images[seed % len(images)]
+        for tf in (weak, strong, ev):
+            x = tf(img)
+            assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_views_are_deterministic_per_draw(odd_images):
+    from aessl.data import seed_everything_for
+    from aessl.transforms import train_transforms
+
+    info = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 1.0}
+    _, strong = train_transforms(info, {"weak_scale_min": 0.8, "strong_n": 3, "strong_m": 5,
+                                        "strong_exclude_color": False})
+    img = load_image(odd_images["webp"])
+    seed_everything_for(1, 2, 3)
+    a = strong(img)
+    seed_everything_for(1, 2, 3)
+    assert torch.equal(a, strong(img))
