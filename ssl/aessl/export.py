@@ -1,0 +1,836 @@
+"""Pseudo-label export: score a huge unlabeled pool with a `model/` folder and keep the best.
+
+    python ssl/export.py --model RUN/model --images POOL --out OUT [--top N] ...
+    accelerate launch ssl/export.py ...            (one share of the pool per process)
+
+The pool (a folder, a .csv/.jsonl/.parquet manifest with `path`, a `save_to_disk` folder or
+`hub:<name>`, see `aessl.data.load_pool`) is cut into *shards*: shard k holds the source
+rows [k*S, (k+1)*S) for `--shard-size` S. Each shard is scored by one process (the
+remaining shards are dealt round-robin over the processes) and written atomically as
+`OUT/part-<k>.parquet` (a `.tmp` file renamed into place): a shard file either exists
+whole or not at all. Its parquet schema metadata (key `aessl.export`) records which rows it
+covers, the export's fingerprint and the unreadable images it met. A killed export run again
+with the same arguments therefore scores only the shards that are missing; arguments or a
+model that would change the rows are refused (exit 2) unless `--overwrite`.
+
+Columns (one row per readable image inside the score band):
+  path            the image file, or for a dataset row its image's name, else its row index
+  row             the row's index in the source (resume and joins)
+  expected_score  sum_b p_b * b, 0-10
+  score_percent   expected_score * 10, the model card's percent
+  bracket         argmax bracket 0-10
+  confidence      the argmax probability
+  prob_0..prob_10 the 11 bracket probabilities (flat float columns: easy to filter in
+                  datasets, pandas, SQL engines; `np.stack` them for a matrix)
+  accepted        confidence >= the threshold of the argmax bracket
+
+When all shards exist the main process writes `errors.jsonl` (row, path, reason of every
+unreadable image), `manifest.json` (`complete: true`) and, with `--top N`, `top.csv`,
+`top_grid.jpg` and optionally `top/` (links or copies named `0001_<name>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate
+
+from .data import DataSourceError, EvalDataset, load_pool, row_name, row_source, worker_init
+from .metrics import NUM_BRACKETS, expected_score
+
+log = logging.getLogger("aessl.export")
+
+EXPORT_FORMAT = "aessl-export"
+EXPORT_FORMAT_VERSION = 1
+META_KEY = b"aessl.export"
+DEFAULT_THRESHOLD = 0.95  # per bracket, when the model's config.json records none (FixMatch's usual cutoff)
+DEFAULT_SHARD_SIZE = 10_000
+GRID_MAX = 100  # the contact sheet shows at most this many of the top N, like the model card's "top 100"
+GRID_CELL = 192
+MAX_LOGGED_ERRORS = 20
+PROB_COLUMNS = [f"prob_{b}" for b in range(NUM_BRACKETS)]
+SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+KILL_ENV = "AESSL_EXPORT_KILL_AFTER_SHARDS"  # tests: die like SIGKILL after this process wrote N shards
+
+
+class ExportError(Exception):
+    """Bad input or an OUT folder that holds something else: message for the user, exit 2."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="export.py",
+        description="Score an unlabeled image pool with a trained model/ folder; write parquet shards, "
+        "errors.jsonl and manifest.json to OUT, and optionally the top N.",
+    )
+    p.add_argument("--model", required=True, help="a model/ folder (config.json + model.safetensors) or a run folder")
+    p.add_argument("--images", required=True,
+                   help="folder (recursive), .csv/.jsonl/.parquet manifest with 'path', save_to_disk folder, or hub:<name>")
+    p.add_argument("--out", required=True, help="output folder (created; resumed when it holds the same export)")
+    p.add_argument("--top", type=int, default=0, metavar="N", help="write top.csv and top_grid.jpg for the N best images")
+    p.add_argument("--top-copy", choices=("link", "copy"), default=None,
+                   help="also put the top N under OUT/top/ as symlinks or copies named 0001_<name>")
+    p.add_argument("--min-score", type=float, default=None, metavar="P", help="keep only rows with score_percent >= P (0-100)")
+    p.add_argument("--max-score", type=float, default=None, metavar="P", help="keep only rows with score_percent <= P (0-100)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source rows per output shard")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
+    p.add_argument("--streaming", action="store_true", help="stream the source instead of loading it (huge Hub datasets)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows of the source")
+    p.add_argument("--overwrite", action="store_true", help="replace an export of different settings in OUT")
+    args = p.parse_args(argv)
+    problems = []
+    if args.batch_size < 1:
+        problems.append("--batch-size must be >= 1")
+    if args.workers < 0:
+        problems.append("--workers must be >= 0")
+    if args.shard_size < 1:
+        problems.append("--shard-size must be >= 1")
+    if args.top < 0:
+        problems.append("--top must be >= 0")
+    if args.top_copy and not args.top:
+        problems.append("--top-copy needs --top N")
+    for name in ("min_score", "max_score"):
+        v = getattr(args, name)
+        if v is not None and not 0.0 <= v <= 100.0:
+            problems.append(f"--{name.replace('_', '-')} is a percent: 0-100, got {v}")
+    if args.min_score is not None and args.max_score is not None and args.min_score > args.max_score:
+        problems.append(f"--min-score {args.min_score} is above --max-score {args.max_score}")
+    if args.limit is not None and args.limit < 1:
+        problems.append("--limit must be >= 1")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def resolve_thresholds(info: dict, where: str) -> tuple[list[float], str]:
+    """(11 thresholds, 'model' | 'default'): the model's per-bracket thresholds when
+    config.json records them, else DEFAULT_THRESHOLD for every bracket."""
+    raw = info.get("thresholds")
+    if not raw:
+        return [DEFAULT_THRESHOLD] * NUM_BRACKETS, "default"
+    try:
+        values = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        raise ExportError(f"{where}: 'thresholds' must be a list of {NUM_BRACKETS} numbers, got {raw!r}") from None
+    if len(values) != NUM_BRACKETS or not all(0.0 <= v <= 1.0 for v in values):
+        raise ExportError(f"{where}: 'thresholds' must be {NUM_BRACKETS} numbers in 0-1 (or empty), got {raw!r}")
+    return values, "model"
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _sha256_files(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def source_identity(pool, source: str, streaming: bool) -> dict:
+    """What the rows are: kind, row count and a digest of their order, so that a resumed
+    export can tell the same pool from a changed one (row ranges would no longer match)."""
+    if streaming or not hasattr(pool, "__len__"):
+        return {"source": source, "kind": "stream", "rows": None, "digest": hashlib.sha256(source.encode()).hexdigest()}
+    cols = set(pool.column_names)
+    if "path" in cols and "image" not in cols:
+        paths = pool.select_columns(["path"]).with_format("arrow")[:].column("path").to_pylist()
+        digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+        kind = "files"
+    else:
+        # A saved/Hub dataset: its `datasets` fingerprint changes whenever its content does.
+        digest = hashlib.sha256(f"{pool._fingerprint}:{len(pool)}".encode()).hexdigest()
+        kind = "dataset"
+    return {"source": source, "kind": kind, "rows": len(pool), "digest": digest}
+
+
+# --------------------------------------------------------------------------- reading the pool
+
+
+class _LastRow:
+    """A table whose last row read is kept, so the name of a row costs no second read."""
+
+    def __init__(self, table):
+        self.table, self._i, self._row = table, None, None
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if i != self._i:
+            self._row, self._i = self.table[i], i
+        return self._row
+
+
+class ExportDataset(EvalDataset):
+    """EvalDataset plus each row's name; any failure on one row is that row's skip, never a crash."""
+
+    def __init__(self, table, transform, image_size: int):
+        super().__init__(_LastRow(table), transform, image_size)
+
+    def __getitem__(self, i):
+        i = int(i)
+        try:
+            row = self.table[i]
+            if "image" in row and row["image"] is None and not row.get("path"):
+                item = self._failed(i, "no image in this row")
+            else:
+                item = super().__getitem__(i)
+            item["name"] = row_name(row) if (row.get("image") is not None or row.get("path")) else ""
+        except Exception as exc:  # a broken row (odd dict, transform error) is one skip, not a dead export
+            item = self._failed(i, f"{type(exc).__name__}: {exc}")
+            item["name"] = ""
+        return item
+
+    def _failed(self, i: int, reason: str) -> dict:
+        return {"index": i, "x": torch.zeros(3, self.image_size, self.image_size), "ok": False, "reason": reason}
+
+
+class ShardBatchSampler:
+    """Batches of source row indices, shard after shard; a batch never spans two shards."""
+
+    def __init__(self, shards: list[int], shard_size: int, num_rows: int, batch_size: int):
+        self.shards, self.shard_size, self.num_rows, self.batch_size = shards, shard_size, num_rows, batch_size
+
+    def __iter__(self):
+        for k in self.shards:
+            start, end = k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows)
+            for b in range(start, end, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, end)))
+
+    def __len__(self):
+        per = [math.ceil((min((k + 1) * self.shard_size, self.num_rows) - k * self.shard_size) / self.batch_size)
+               for k in self.shards]
+        return sum(per)
+
+
+def stream_rows(pool, chunk: int = 256):
+    """Rows of an iterable `datasets` source, in order. `.iter()` rather than `iter(pool)`:
+    inside a DataLoader worker the latter hands each worker only some of the source's files,
+    and every reader here must see the whole row order."""
+    for batch in pool.iter(batch_size=chunk):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield dict(zip(keys, values))
+
+
+class StreamShards(IterableDataset):
+    """A streamed pool read shard by shard: yields whole collated batches tagged with their
+    shard. Shard k belongs to process k % world and, inside it, to DataLoader worker
+    (k // world) % workers; every reader walks the stream but decodes only its own rows."""
+
+    def __init__(self, pool, transform, image_size, shard_size, batch_size, rank, world, done):
+        self.pool, self.transform, self.image_size = pool, transform, image_size
+        self.shard_size, self.batch_size, self.rank, self.world = shard_size, batch_size, rank, world
+        self.done = set(done)
+
+    def _batch(self, rows: list[tuple[int, dict]], shard: int, last: bool, end: int) -> dict:
+        ds = ExportDataset([r for _, r in rows], self.transform, self.image_size)
+        items = [ds[j] for j in range(len(rows))]
+        for (i, _), item in zip(rows, items):
+            item["index"] = i
+        batch = default_collate(items)
+        batch.update(shard=shard, last=last, end=end)
+        return batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        S = self.shard_size
+        rows, shard, last_i = [], None, -1
+        for i, row in enumerate(stream_rows(self.pool)):
+            last_i = i
+            k = i // S
+            if k % self.world != self.rank or (k // self.world) % nworkers != wid or k in self.done:
+                continue
+            rows.append((i, row))
+            shard = k
+            end_of_shard = i == (k + 1) * S - 1
+            if end_of_shard or len(rows) == self.batch_size:
+                yield self._batch(rows, k, end_of_shard, i + 1)
+                rows = []
+        if rows:  # the stream ended inside this reader's last shard
+            yield self._batch(rows, shard, True, last_i + 1)
+
+
+# --------------------------------------------------------------------------- shards on disk
+
+
+def shard_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def output_schema(meta: dict | None = None):
+    import pyarrow as pa
+
+    fields = [
+        pa.field("path", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("expected_score", pa.float32()),
+        pa.field("score_percent", pa.float32()),
+        pa.field("bracket", pa.int64()),
+        pa.field("confidence", pa.float32()),
+        *[pa.field(c, pa.float32()) for c in PROB_COLUMNS],
+        pa.field("accepted", pa.bool_()),
+    ]
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()} if meta is not None else None)
+
+
+def score_table(rows, names, probs, thresholds, band, meta):
+    """The rows of one shard as an arrow table (band applied), with `meta` in the schema."""
+    import pyarrow as pa
+
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1, NUM_BRACKETS)
+    exp = expected_score(probs)
+    pct = exp * 10.0
+    bracket = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
+    keep = np.ones(len(probs), dtype=bool)
+    if band[0] is not None:
+        keep &= pct >= band[0]
+    if band[1] is not None:
+        keep &= pct <= band[1]
+    thr = np.asarray(thresholds, dtype=np.float64)
+    cols = {
+        "path": [n for n, k in zip(names, keep) if k],
+        "row": np.asarray(rows, dtype=np.int64)[keep],
+        "expected_score": exp[keep].astype(np.float32),
+        "score_percent": pct[keep].astype(np.float32),
+        "bracket": bracket[keep].astype(np.int64),
+        "confidence": conf[keep].astype(np.float32),
+        **{c: probs[keep, b].astype(np.float32) for b, c in enumerate(PROB_COLUMNS)},
+        "accepted": (conf >= thr[bracket])[keep] if len(probs) else np.zeros(0, dtype=bool),
+    }
+    schema = output_schema(meta)
+    return pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename into place: the final name never holds a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def read_shard_meta(path: Path) -> dict | None:
+    """The `aessl.export` metadata of a shard file, or None when it is not one of ours or unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[META_KEY])
+    except Exception:
+        return None
+
+
+def scan_shards(out: Path) -> dict[int, tuple[Path, dict | None]]:
+    found = {}
+    if out.is_dir():
+        for f in out.iterdir():
+            m = SHARD_RE.match(f.name)
+            if m:
+                found[int(m.group(1))] = (f, read_shard_meta(f))
+    return found
+
+
+OUR_FILES = ("manifest.json", "errors.jsonl", "top.csv", "top_grid.jpg")
+
+
+def clear_export(out: Path) -> None:
+    """Remove what an export writes into OUT (and nothing else a user may keep there)."""
+    for f in out.iterdir():
+        if SHARD_RE.match(f.name) or f.name in OUR_FILES or f.name.endswith(".tmp"):
+            f.unlink()
+    if (out / "top").is_dir():
+        shutil.rmtree(out / "top")
+
+
+# --------------------------------------------------------------------------- top N
+
+
+def _sort_keys():
+    return [("expected_score", "descending"), ("path", "ascending"), ("row", "ascending")]
+
+
+def select_top(files: list[Path], n: int):
+    """The n rows with the highest expected score over all shards (ties: by path)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    cols = ["path", "row", "expected_score", "score_percent", "bracket", "confidence", "accepted"]
+    parts = []
+    for f in files:  # keep at most n per shard: memory stays O(n * shards), not O(pool)
+        t = pq.read_table(f, columns=cols)
+        if t.num_rows > n:
+            t = t.take(pc.sort_indices(t, sort_keys=_sort_keys())[:n])
+        parts.append(t)
+    if not parts:
+        return pa.table({c: [] for c in cols})
+    t = pa.concat_tables(parts)
+    return t.take(pc.sort_indices(t, sort_keys=_sort_keys())[:n])
+
+
+def fetch_sources(pool, rows: list[int]) -> dict[int, object]:
+    """load_image-able sources (paths or image dicts) for the given source rows."""
+    wanted = set(rows)
+    if hasattr(pool, "__len__"):
+        return {r: row_source(pool[int(r)]) for r in wanted}
+    found = {}
+    for i, row in enumerate(stream_rows(pool)):
+        if i in wanted:
+            found[i] = row_source(row)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def _image_ext(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        fmt = (Image.open(io.BytesIO(data)).format or "bin").lower()
+    except Exception:
+        return "bin"
+    return {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+def place_top_files(top_dir: Path, ranked: list[tuple[int, str, object]], mode: str) -> None:
+    """ranked: (rank, name, source). Files become top_dir/0001_<name> (links or copies)."""
+    if top_dir.exists():
+        shutil.rmtree(top_dir)
+    tmp = top_dir.with_name(top_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    width = max(4, len(str(len(ranked))))
+    for rank, name, src in ranked:
+        data = None
+        if isinstance(src, dict):
+            data = src.get("bytes")
+            src = src.get("path") if not data else None
+        if data is not None:
+            base = Path(name).name if name and not name.isdigit() else f"row{name}.{_image_ext(data)}"
+            (tmp / f"{rank:0{width}d}_{base}").write_bytes(data)
+            continue
+        target = tmp / f"{rank:0{width}d}_{Path(src).name}"
+        if mode == "link":
+            os.symlink(os.path.abspath(src), target)
+        else:
+            shutil.copy2(src, target)
+    os.replace(tmp, top_dir)
+
+
+def contact_sheet(items: list[tuple[int, float, object]], path: Path, cell: int = GRID_CELL) -> None:
+    """A grid of thumbnails with their rank and percent written on them (model card's top-100 sheet)."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from .images import UnreadableImage, load_image
+
+    n = len(items)
+    cols = min(10, max(1, math.ceil(math.sqrt(n))))
+    rows = max(1, math.ceil(n / cols))
+    sheet = Image.new("RGB", (cols * cell, rows * cell), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.load_default(size=max(10, cell // 9))
+    except Exception:  # Pillow without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    for j, (rank, percent, src) in enumerate(items):
+        x0, y0 = (j % cols) * cell, (j // cols) * cell
+        try:
+            thumb = ImageOps.contain(load_image(src, draft_size=cell * 2), (cell - 4, cell - 4))
+            sheet.paste(thumb, (x0 + (cell - thumb.width) // 2, y0 + (cell - thumb.height) // 2))
+        except UnreadableImage:
+            draw.text((x0 + 6, y0 + cell // 2), "unreadable", fill=(200, 80, 80), font=font)
+        label = f"{rank}. {percent:.1f}%"
+        box = draw.textbbox((x0 + 4, y0 + cell - 4), label, font=font, anchor="lb")
+        draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+        draw.text((x0 + 4, y0 + cell - 4), label, fill=(255, 255, 255), font=font, anchor="lb")
+    write_atomic(path, lambda tmp: sheet.save(tmp, format="JPEG", quality=88))
+
+
+def write_top(out: Path, files: list[Path], pool, n: int, copy_mode: str | None) -> dict:
+    top = select_top(files, n)
+    ranked = top.to_pylist()
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "path", "score_percent", "bracket", "confidence"])
+            for i, r in enumerate(ranked, 1):
+                w.writerow([i, r["path"], f"{r['score_percent']:.3f}", r["bracket"], f"{r['confidence']:.4f}"])
+
+    write_atomic(out / "top.csv", write_csv)
+    need = ranked if copy_mode else ranked[:GRID_MAX]
+    sources = fetch_sources(pool, [r["row"] for r in need])
+    if copy_mode:
+        place_top_files(out / "top", [(i, r["path"], sources[r["row"]]) for i, r in enumerate(ranked, 1)], copy_mode)
+    elif (out / "top").is_dir():
+        shutil.rmtree(out / "top")  # a folder left by an earlier --top-copy would contradict top.csv
+    grid = [(i, r["score_percent"], sources[r["row"]]) for i, r in enumerate(ranked[:GRID_MAX], 1)]
+    if grid:
+        contact_sheet(grid, out / "top_grid.jpg")
+    return {"n": n, "rows": len(ranked), "csv": "top.csv", "grid": "top_grid.jpg" if grid else None,
+            "grid_images": len(grid), "copy": copy_mode, "folder": "top" if copy_mode else None}
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def _is_inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def load_inputs(args, device):
+    """(model, info, thresholds, threshold_source, folder, pool, source): every input
+    checked before OUT is touched; problems raise ExportError naming the path."""
+    from .models import load_model_folder, resolve_model_folder
+
+    try:
+        folder = resolve_model_folder(args.model)
+    except FileNotFoundError as exc:
+        raise ExportError(f"--model: {exc}") from None
+    try:
+        model, info = load_model_folder(folder, device="cpu")
+    except Exception as exc:  # bad JSON, wrong format, missing keys, weights that do not fit
+        raise ExportError(f"--model {folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
+    thresholds, thr_source = resolve_thresholds(info, str(folder / "config.json"))
+
+    source = str(args.images)
+    if not source.startswith("hub:"):
+        if not os.path.exists(source):
+            raise ExportError(f"--images: image source not found: {source}")
+        source = os.path.abspath(source)
+        if os.path.isdir(source) and _is_inside(Path(args.out), Path(source)):
+            raise ExportError(f"--out {args.out} is inside --images {source}: its top/ images would join the pool; "
+                              "choose an output folder outside the source")
+    try:
+        pool = load_pool(source, streaming=args.streaming, limit=args.limit)
+    except DataSourceError as exc:
+        raise ExportError(f"--images: {exc}") from None
+    except Exception as exc:
+        raise ExportError(f"--images {source}: cannot read the source ({type(exc).__name__}: {exc})") from None
+    if hasattr(pool, "__len__") and len(pool) == 0:
+        raise ExportError(f"--images {source}: the source has no rows")
+    return model.to(device), info, thresholds, thr_source, folder, pool, source
+
+
+def prepare_out(out: Path, spec: dict, fingerprint: str, overwrite: bool, manifest_head: dict) -> set[int]:
+    """Main process: make OUT hold this export (or refuse), drop stale temp files, and
+    return the shards already finished."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    problems = []
+    mpath = out / "manifest.json"
+    if mpath.exists():
+        try:
+            old = json.loads(mpath.read_text())
+            if old.get("fingerprint") != fingerprint:
+                old_spec = old.get("spec", {})
+                diff = [k for k in sorted(set(spec) | set(old_spec)) if spec.get(k) != old_spec.get(k)]
+                problems.append(f"{mpath} records an export with different {', '.join(diff) or 'settings'}")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{mpath}: unreadable ({exc})")
+    shards = scan_shards(out)
+    foreign = sorted(k for k, (_, meta) in shards.items() if meta is not None and meta.get("fingerprint") != fingerprint)
+    if foreign:
+        problems.append(f"{len(foreign)} shard(s) in {out} (e.g. {shard_name(foreign[0])}) come from a different export")
+    if problems and not overwrite:
+        raise ExportError(f"--out {out} already holds another export: " + "; ".join(problems)
+                          + ". Pass --overwrite to replace it, or choose another --out.")
+    if problems:
+        log.warning("--overwrite: clearing the previous export in %s", out)
+        clear_export(out)
+        shards = {}
+    for f in out.iterdir():
+        if f.name.endswith(".tmp") and (SHARD_RE.match(f.name[:-4]) or f.name[:-4] in OUR_FILES):
+            f.unlink()  # a write cut short by a kill: never a finished file
+    if (out / "top.tmp").is_dir():
+        shutil.rmtree(out / "top.tmp")
+    done = set()
+    for k, (path, meta) in shards.items():
+        if meta is None:
+            log.warning("%s is not a readable export shard: it will be scored again", path)
+            path.unlink()
+        else:
+            done.add(k)
+    write_text_atomic(mpath, json.dumps({**manifest_head, "complete": False}, indent=1))
+    return done
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    accelerator = Accelerator()
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    device = accelerator.device
+    out = Path(args.out)
+
+    def fail(msg: str) -> int:
+        if is_main:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    # ---------------------------------------------------------------- inputs (before OUT is touched)
+    try:
+        model, info, thresholds, thr_source, folder, pool, source = load_inputs(args, device)
+    except ExportError as exc:
+        return fail(str(exc))
+    dtype = resolve_precision(args.precision, device)
+    ident = source_identity(pool, source, args.streaming)
+    idents = gather_object([ident["digest"]])
+    if len(set(idents)) > 1:
+        return fail(f"--images {source}: the processes see different rows (is the folder changing?)")
+
+    # ---------------------------------------------------------------- OUT: new, resumed, or refused
+    payload = [None]
+    if is_main:
+        band = [args.min_score, args.max_score]
+        spec = {
+            "model_sha256": _sha256_files(folder / "config.json", folder / "model.safetensors"),
+            "thresholds": thresholds,
+            "source": ident,
+            "limit": args.limit,
+            "shard_size": args.shard_size,
+            "score_band_percent": band,
+            "precision": str(dtype).replace("torch.", ""),
+        }
+        fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+        head = {
+            "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint, "spec": spec,
+            "model": {"folder": str(folder.resolve()), "architecture": info["architecture"],
+                      "image_size": info["image_size"], "thresholds": thresholds, "thresholds_source": thr_source,
+                      "default_threshold": DEFAULT_THRESHOLD},
+            "source": {"images": source, "kind": ident["kind"], "rows": ident["rows"], "streaming": bool(args.streaming)},
+            "shard_size": args.shard_size, "score_band_percent": band, "precision": spec["precision"],
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        try:
+            done = prepare_out(out, spec, fingerprint, args.overwrite, head)
+            payload = [{"fingerprint": fingerprint, "head": head, "done": sorted(done)}]
+        except ExportError as exc:
+            payload = [{"error": str(exc)}]
+        except OSError as exc:
+            payload = [{"error": f"--out {out}: {exc}"}]
+    broadcast_object_list(payload)
+    state = payload[0]
+    if "error" in state:
+        return fail(state["error"])
+    fingerprint, head, done = state["fingerprint"], state["head"], set(state["done"])
+    band = head["score_band_percent"]
+
+    # ---------------------------------------------------------------- this process's shards
+    from tqdm.auto import tqdm
+
+    from .transforms import eval_transform
+
+    S, B, W = args.shard_size, args.batch_size, args.workers
+    tf, size = eval_transform(info), int(info["image_size"])
+    cuda = device.type == "cuda"
+    kw = dict(num_workers=W, pin_memory=cuda, worker_init_fn=worker_init)
+    if W > 0:
+        kw["prefetch_factor"] = 4
+    streaming = ident["rows"] is None
+    if streaming:
+        loader = DataLoader(StreamShards(pool, tf, size, S, B, rank, world, done), batch_size=None, **kw)
+        bounds, my_rows = None, None
+    else:
+        n = ident["rows"]
+        todo = [k for k in range(math.ceil(n / S)) if k not in done]
+        mine = todo[rank::world]
+        bounds = {k: (k * S, min((k + 1) * S, n)) for k in mine}
+        my_rows = sum(e - s for s, e in bounds.values())
+        loader = DataLoader(ExportDataset(pool, tf, size), batch_sampler=ShardBatchSampler(mine, S, n, B), **kw)
+    if cuda:  # fixed-size batches: let cuDNN pick its fastest kernels; NHWC suits bf16 convolutions
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    kill_after = int(os.environ.get(KILL_ENV, "0"))
+    desc = "export" if world == 1 else f"export [{rank + 1}/{world}]"
+    bar = tqdm(total=my_rows, disable=not is_main, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
+    buffers: dict[int, dict] = {}
+    counts = {"scored": 0, "unreadable": 0, "written": 0, "shards": 0}
+    logged = 0
+    meta_base = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint,
+                 "model_folder": head["model"]["folder"], "architecture": info["architecture"],
+                 "thresholds": thresholds, "thresholds_source": thr_source, "score_band_percent": band}
+
+    def finish_shard(k: int, end: int | None) -> None:
+        nonlocal logged
+        buf = buffers.pop(k)
+        start = k * S
+        end = bounds[k][1] if end is None else end
+        if len(buf["rows"]) != end - start or buf["rows"][0] != start:
+            raise RuntimeError(f"shard {k}: got {len(buf['rows'])} rows for range [{start}, {end})")  # a bug, not bad data
+        ok = np.asarray(buf["ok"], dtype=bool)
+        rows = np.asarray(buf["rows"], dtype=np.int64)
+        names = [nm if nm and nm != "<bytes>" else str(r) for nm, r in zip(buf["names"], rows)]
+        errors = [{"row": int(r), "path": nm, "reason": why}
+                  for r, nm, good, why in zip(rows, names, ok, buf["reasons"]) if not good]
+        for e in errors:
+            if logged < MAX_LOGGED_ERRORS:
+                bar.write(f"skipping unreadable image {e['path']}: {e['reason']}", file=sys.stderr)
+                logged += 1
+                if logged == MAX_LOGGED_ERRORS:
+                    bar.write("(further unreadable images are listed only in errors.jsonl)", file=sys.stderr)
+        probs = np.concatenate(buf["probs"])[ok] if buf["probs"] else np.zeros((0, NUM_BRACKETS))
+        meta = {**meta_base, "shard": k, "row_start": start, "row_end": end, "rows_scored": int(ok.sum()),
+                "unreadable": len(errors), "errors": errors, "rank": rank, "num_processes": world}
+        table = score_table(rows[ok], [nm for nm, g in zip(names, ok) if g], probs, thresholds, band, meta)
+        meta["rows_written"] = table.num_rows
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        import pyarrow.parquet as pq
+
+        write_atomic(out / shard_name(k), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        counts["scored"] += int(ok.sum())
+        counts["unreadable"] += len(errors)
+        counts["written"] += table.num_rows
+        counts["shards"] += 1
+        if kill_after and counts["shards"] >= kill_after:  # fault injection for the resume tests
+            os._exit(137)
+
+    def consume(probs_dev, batch) -> None:
+        probs = probs_dev.float().cpu().numpy()
+        rows = batch["index"].tolist()
+        k = batch["shard"] if streaming else rows[0] // S
+        buf = buffers.setdefault(k, {"rows": [], "names": [], "ok": [], "reasons": [], "probs": []})
+        buf["rows"] += rows
+        buf["names"] += list(batch["name"])
+        buf["ok"] += batch["ok"].tolist()
+        buf["reasons"] += list(batch["reason"])
+        buf["probs"].append(probs)
+        bar.update(len(rows))
+        if streaming:
+            if batch["last"]:
+                finish_shard(k, batch["end"])
+        elif rows[-1] + 1 == bounds[k][1]:
+            finish_shard(k, None)
+
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    t0 = time.time()
+    pending = None
+    with torch.inference_mode():
+        for batch in loader:
+            x = batch["x"].to(device, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = model(x)["logits"]
+            probs = torch.softmax(logits.float(), dim=-1)
+            # Handle the previous batch only now: its copy back to the host overlaps this forward.
+            if pending is not None:
+                consume(*pending)
+            pending = (probs, batch)
+        if pending is not None:
+            consume(*pending)
+    bar.close()
+    if buffers:
+        raise RuntimeError(f"shards {sorted(buffers)} were left unfinished")  # a bug in the readers
+    elapsed = time.time() - t0
+    all_counts = gather_object([counts])
+    accelerator.wait_for_everyone()
+    if not is_main:
+        return 0
+
+    # ---------------------------------------------------------------- main: check, errors, top, manifest
+    elapsed = time.time() - t0
+    shards = scan_shards(out)
+    metas = {k: m for k, (_, m) in shards.items() if m is not None and m.get("fingerprint") == fingerprint}
+    expected = math.ceil(ident["rows"] / S) if not streaming else (max(metas) + 1 if metas else 0)
+    missing = sorted(set(range(expected)) - set(metas))
+    if missing or (streaming and metas and any(metas[k]["row_end"] - metas[k]["row_start"] != S for k in range(expected - 1))):
+        print(f"error: {out}: shard(s) {missing[:10]} missing after scoring; run the same command again to finish",
+              file=sys.stderr)
+        return 1
+    files = [out / shard_name(k) for k in range(expected)]
+    errors = [e for k in range(expected) for e in metas[k]["errors"]]
+    write_text_atomic(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    total_rows = metas[expected - 1]["row_end"] if expected else 0
+    session = {k: sum(c[k] for c in all_counts) for k in counts}
+    top = None
+    if args.top:
+        top = write_top(out, files, pool, args.top, args.top_copy)
+    else:
+        for f in ("top.csv", "top_grid.jpg"):
+            (out / f).unlink(missing_ok=True)
+    seen = session["scored"] + session["unreadable"]
+    manifest = {
+        **head,
+        "complete": True,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_files": "part-*.parquet",
+        "columns": [f.name for f in output_schema()],
+        "shards": [{"file": shard_name(k), "rows": [metas[k]["row_start"], metas[k]["row_end"]],
+                    "scored": metas[k]["rows_scored"], "written": metas[k]["rows_written"],
+                    "unreadable": metas[k]["unreadable"], "rank": metas[k]["rank"]} for k in range(expected)],
+        "source_rows": total_rows,
+        "rows_scored": sum(m["rows_scored"] for m in metas.values()),
+        "rows_written": sum(m["rows_written"] for m in metas.values()),
+        "unreadable": len(errors),
+        "errors_file": "errors.jsonl",
+        "num_processes": world,
+        "device": str(device),
+        "this_run": {"shards": session["shards"], "images": seen, "seconds": round(elapsed, 3),
+                     "images_per_second": round(seen / elapsed, 2) if elapsed > 0 else None,
+                     "resumed_shards": len(done)},
+        "top": top,
+    }
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
+    rate = f"{seen / elapsed:.1f}" if elapsed > 0 and seen else "-"
+    resumed = f", {len(done)} shard(s) resumed" if done else ""
+    print(f"export: {manifest['rows_written']} rows written ({manifest['rows_scored']} scored, "
+          f"{manifest['unreadable']} unreadable) to {out} | this run: {seen} images in {elapsed:.1f}s, "
+          f"{rate} images/s, {world} process(es) on {device.type}{resumed}")
+    if top:
+        print(f"top {top['rows']}: {out / 'top.csv'}, {out / 'top_grid.jpg'}"
+              + (f", {out / 'top'}/ ({top['copy']})" if top["copy"] else ""))
+    return 0
