@@ -1,0 +1,1016 @@
+"""Evaluation reports: score a scored set (and optionally an unlabeled pool) with one or more
+trained models, compute every DESIGN metric, draw the plots and write one self-contained
+`report.html` next to `metrics.json`, the PNGs and the raw predictions.
+
+Pieces, each usable alone:
+- `open_run(path)`: a run folder or a bare `model/` folder -> `RunInput` (model config,
+  training curves from metrics.jsonl, run.json, split);
+- `predict_probs(model, info, table)`: softmax bracket probabilities of every row of a table
+  (an `EvalDataset` through a `DataLoader`), with the rows that could not be read;
+- `calibration(probs, true_bracket)`: reliability bins and expected calibration error;
+- `plot_*`: matplotlib figures (Agg, no pyplot state);
+- `build_report(...)`: all of the above, written into one folder.
+
+Conventions are those of `aessl.metrics`: predicted bracket = argmax, expected score =
+sum_b p_b * b, percent = expected score * 10, confidence = max probability.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import (BRACKETS, HIGH_SCORE_MIN, LOW_BRACKET_MAX, NUM_BRACKETS, bracket_of, compute_metrics,
+                      default_top_k, expected_score, pseudo_label_quality)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.95  # a model without per-bracket thresholds (supervised): FixMatch's cutoff
+CALIBRATION_BINS = 10
+THUMB_PX = 192  # grid cell; 24, 32, 48, 64 and 96 px images upscale to it by a whole factor
+
+# (key in the run's metrics, label in the table, which way is better: "low", "high" or None)
+TABLE_ROWS = [
+    ("mae", "MAE (brackets)", "low"),
+    ("qwk", "quadratic-weighted kappa", "high"),
+    ("spearman", "Spearman ρ", "high"),
+    ("accuracy", "accuracy (exact bracket)", "high"),
+    ("accuracy_within_1", "accuracy ±1 bracket", "high"),
+    ("false_positive_rate", "false-positive rate (true ≤ 1 scored ≥ 50%)", "low"),
+    ("top_k_precision", "top-K precision", "high"),
+    ("ece", "expected calibration error", "low"),
+] + [(f"recall_{b}", f"recall, bracket {b}", "high") for b in BRACKETS] + [
+    ("skipped_images", "unreadable images skipped in training", None),
+]
+CURVE_KEYS = ("qwk", "mae", "spearman", "false_positive_rate", "accuracy", "accuracy_within_1", "top_k_precision",
+              "pseudo_label_rate", "sup_loss", "unsup_loss", "total_loss", "lr")
+
+
+class ReportError(ValueError):
+    """A problem with the report's inputs, said in one line that names the file."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class RunInput:
+    """One model to report on: where it came from and what its folder says about it."""
+
+    name: str
+    given: Path
+    model_dir: Path
+    run_dir: Path | None
+    info: dict
+    history: list[dict] = field(default_factory=list)
+    run_json: dict | None = None
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        thr = self.info.get("thresholds") or []
+        if len(thr) != NUM_BRACKETS:
+            return np.full(NUM_BRACKETS, DEFAULT_THRESHOLD)
+        return np.asarray(thr, dtype=np.float64)
+
+
+def read_metrics_jsonl(path: Path) -> list[dict]:
+    """Every whole line of a run's metrics.jsonl (a line cut off by a killed run is ignored)."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: ignoring a line that is not JSON (a run killed while writing?)", path)
+    return rows
+
+
+def open_run(path: str | Path, name: str | None = None) -> RunInput:
+    """A run folder (holding model/) or a bare model/ folder. A model/ folder that still
+    sits in its run folder brings that run's curves along."""
+    from .models import MODEL_FORMAT, resolve_model_folder
+
+    given = Path(path)
+    if not given.exists():
+        raise ReportError(f"{given}: no such run or model folder")
+    try:
+        model_dir = resolve_model_folder(given)
+    except FileNotFoundError as exc:
+        raise ReportError(str(exc)) from None
+    try:
+        info = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{model_dir / 'config.json'}: cannot read model config: {exc}") from None
+    if info.get("format") != MODEL_FORMAT:
+        raise ReportError(f"{model_dir / 'config.json'}: not an {MODEL_FORMAT} config (format={info.get('format')!r})")
+    run_dir = model_dir.parent if (model_dir.parent / "metrics.jsonl").is_file() or (model_dir.parent / "run.json").is_file() else None
+    run_json = None
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        try:
+            run_json = json.loads((run_dir / "run.json").read_text())
+        except json.JSONDecodeError:
+            log.warning("%s: run.json is not JSON; ignored", run_dir)
+    if name is None:
+        if run_dir is not None:
+            name = run_dir.name
+        elif model_dir.name == "model" and model_dir.parent.name:
+            name = f"{model_dir.parent.name}/model"
+        else:
+            name = model_dir.name
+    return RunInput(name=name, given=given, model_dir=model_dir, run_dir=run_dir, info=info,
+                    history=read_metrics_jsonl(run_dir / "metrics.jsonl") if run_dir else [], run_json=run_json)
+
+
+def unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
+    return out
+
+
+def load_truth(path: str | Path) -> dict[str, int]:
+    """truth.parquet -> {real path of the image: true bracket}. Paths in the file are
+    relative to the file's folder (absolute ones are kept)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"truth file not found: {path}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:
+        raise ReportError(f"{path}: cannot read truth file: {exc}") from None
+    if "path" not in df.columns or not ({"bracket", "score"} & set(df.columns)):
+        raise ReportError(f"{path}: a truth file needs columns 'path' and 'bracket' (or 'score'); it has {sorted(df.columns)}")
+    brackets = df["bracket"].to_numpy() if "bracket" in df.columns else bracket_of(df["score"].to_numpy())
+    base = path.parent
+    return {os.path.realpath(p if os.path.isabs(p) else base / p): int(b) for p, b in zip(df["path"], brackets)}
+
+
+def training_paths(run: RunInput) -> set[str] | None:
+    """Real paths of the images the run trained on, when its folder says (split.csv, or the
+    labeled source in run.json); None when unknown."""
+    if run.run_dir is None:
+        return None
+    split = run.run_dir / "split.csv"
+    if split.is_file():
+        import pandas as pd
+
+        df = pd.read_csv(split)
+        return {os.path.realpath(p) for p in df.loc[df["split"] == "train", "path"]}
+    labeled = ((run.run_json or {}).get("sources") or {}).get("labeled")
+    if not labeled or not Path(labeled).exists():
+        return None
+    from .data import MANIFEST_SUFFIXES, read_manifest, scan_labeled_folder
+
+    try:
+        if Path(labeled).is_dir():
+            records, _ = scan_labeled_folder(labeled)
+        elif Path(labeled).suffix.lower() in MANIFEST_SUFFIXES:
+            records, _ = read_manifest(labeled, need_score=True)
+        else:
+            return None
+    except Exception:  # the training source moved or changed: nothing to say about it
+        return None
+    return {os.path.realpath(r["path"]) for r in records}
+
+
+def test_set_identity(run: RunInput) -> str | None:
+    """What the run evaluated on while training: its test source, or its carved split."""
+    if run.run_dir is None:
+        return None
+    test = ((run.run_json or {}).get("sources") or {}).get("test")
+    if test:
+        return f"source:{os.path.realpath(test)}"
+    split = run.run_dir / "split.csv"
+    if split.is_file():
+        import hashlib
+
+        import pandas as pd
+
+        df = pd.read_csv(split)
+        paths = sorted(os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"])
+        return "split:" + hashlib.sha1("\n".join(paths).encode()).hexdigest()
+    return None
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int = 0, device="cpu",
+                  desc: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Softmax over the 11 logits for every row of `table` (a datasets table with `path` or
+    `image`), in row order. Returns (probs N x 11, ok mask N, reason per row ('' if ok));
+    rows that could not be read have ok=False and NaN probabilities."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .data import EvalDataset, worker_init
+    from .transforms import eval_transform
+
+    device = torch.device(device)
+    dataset = EvalDataset(table, eval_transform(info), int(info["image_size"]))
+    loader = DataLoader(dataset, batch_size=int(batch_size), num_workers=int(workers), shuffle=False,
+                        worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda")
+    n = len(dataset)
+    probs = np.full((n, NUM_BRACKETS), np.nan, dtype=np.float64)
+    ok = np.zeros(n, dtype=bool)
+    reasons = [""] * n
+    model.eval()
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc or "score", disable=n <= batch_size, leave=False, dynamic_ncols=True):
+            idx = batch["index"].numpy()
+            good = batch["ok"].numpy().astype(bool)
+            for i, g, r in zip(idx, good, batch["reason"]):
+                if not g:
+                    reasons[i] = r
+            if not good.any():
+                continue
+            x = batch["x"][torch.from_numpy(good)].to(device, non_blocking=True)
+            logits = model(x)["logits"]
+            probs[idx[good]] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            ok[idx[good]] = True
+    return probs, ok, reasons
+
+
+def accepted_by_threshold(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Would the training algorithm take this image's pseudo-label: max prob >= threshold of
+    its argmax bracket."""
+    pred = probs.argmax(axis=1)
+    return probs.max(axis=1) >= np.asarray(thresholds)[pred]
+
+
+def calibration(probs, true_bracket, bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability of the argmax: confidence (max prob) against accuracy in equal-width bins
+    (first bin [0, 1/bins], then (lo, hi]). ECE = sum over bins of n_b/N * |acc_b - conf_b|."""
+    probs = np.asarray(probs, dtype=np.float64)
+    true_bracket = np.asarray(true_bracket)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == true_bracket).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(which, minlength=bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(which, weights=correct, minlength=bins) / count
+        mean_conf = np.bincount(which, weights=conf, minlength=bins) / count
+    filled = count > 0
+    ece = float(np.sum(count[filled] / len(conf) * np.abs(acc[filled] - mean_conf[filled]))) if len(conf) else float("nan")
+    return {"ece": ece, "edges": edges, "count": count, "accuracy": acc, "confidence": mean_conf}
+
+
+# --------------------------------------------------------------------------- plots
+
+PLOT_RC = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 10,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 100,
+}
+RUN_STYLES = ["-", "--", ":", "-."]
+RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _figure(w: float, h: float, **margins):
+    """A figure with fixed margins in inches-free fractions (constrained layout costs a
+    third of the plotting time and every figure here has a known shape)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saved
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    fig.subplots_adjust(**{"left": 0.11, "right": 0.97, "bottom": 0.13, "top": 0.9, **margins})
+    return fig
+
+
+def figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, facecolor="white")
+    return buf.getvalue()
+
+
+def _rc():
+    import matplotlib
+
+    return matplotlib.rc_context(PLOT_RC)
+
+
+def plot_confusion(true_bracket, pred_bracket, title: str = ""):
+    """Counts of true x predicted bracket, shaded by row share (recall per true bracket)."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(true_bracket, pred_bracket, labels=BRACKETS)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm, dtype=np.float64), where=rows > 0)
+    with _rc():
+        fig = _figure(6.2, 5.4, left=0.1, right=0.99, bottom=0.1, top=0.93)
+        ax = fig.add_subplot()
+        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for t in BRACKETS:
+            for p in BRACKETS:
+                if cm[t, p]:
+                    ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=9,
+                            color="white" if share[t, p] > 0.55 else "#222")
+        ax.plot([-0.5, 10.5], [-0.5, 10.5], color="#999", lw=0.6, ls=":")
+        ax.set_xticks(BRACKETS)
+        ax.set_yticks(BRACKETS)
+        ax.set_xlabel("predicted bracket (argmax)")
+        ax.set_ylabel("true bracket")
+        ax.set_title(title or "confusion matrix (counts; shade = share of the row)")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="share of true bracket")
+    return fig
+
+
+def plot_score_histogram(true_score, probs, title: str = ""):
+    """How many images per bracket: the truth, the argmax and the expected score (rounded)."""
+    true_b = np.bincount(bracket_of(true_score), minlength=NUM_BRACKETS)
+    pred_b = np.bincount(np.asarray(probs).argmax(axis=1), minlength=NUM_BRACKETS)
+    exp_b = np.bincount(bracket_of(expected_score(probs)), minlength=NUM_BRACKETS)
+    w = 0.27
+    with _rc():
+        fig = _figure(6.2, 4.2, top=0.84)
+        ax = fig.add_subplot()
+        ax.bar(BRACKETS - w, true_b, w, label="true", color="#555")
+        ax.bar(BRACKETS, pred_b, w, label="argmax", color="#1f77b4")
+        ax.bar(BRACKETS + w, exp_b, w, label="expected score, rounded", color="#ff7f0e")
+        ax.set_xticks(BRACKETS)
+        ax.set_xlabel("bracket (score × 10 = percent)")
+        ax.set_ylabel("images")
+        ax.set_title(title or "true vs predicted scores", pad=26)
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, frameon=False, fontsize=10)
+    return fig
+
+
+def plot_reliability(cal: dict, title: str = ""):
+    edges, count = cal["edges"], cal["count"]
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    filled = count > 0
+    with _rc():
+        fig = _figure(6.2, 4.6, bottom=0.12, top=0.92)
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=1, label="perfect calibration")
+        ax.bar(centers[filled], cal["accuracy"][filled], width * 0.9, color="#1f77b4", alpha=0.85, label="accuracy in bin")
+        ax.scatter(cal["confidence"][filled], cal["accuracy"][filled], color="#d62728", zorder=3, s=18, label="mean confidence")
+        for c, a, n in zip(centers[filled], cal["accuracy"][filled], count[filled]):
+            ax.text(c, min(a + 0.03, 0.97), f"n={n}", ha="center", fontsize=8, color="#333")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence of the argmax bracket")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title or f"reliability: ECE = {cal['ece']:.3f}")
+        ax.legend(loc="upper left", frameon=False)
+    return fig
+
+
+def plot_recall(metrics: dict, true_bracket, title: str = ""):
+    counts = np.bincount(np.asarray(true_bracket), minlength=NUM_BRACKETS)
+    recall = np.array([metrics.get(f"recall_{b}", float("nan")) for b in BRACKETS], dtype=np.float64)
+    with _rc():
+        fig = _figure(6.2, 4.2)
+        ax = fig.add_subplot()
+        has = np.isfinite(recall)
+        ax.bar(BRACKETS[has], recall[has], 0.7, color=["#d62728" if b <= LOW_BRACKET_MAX else "#1f77b4" for b in BRACKETS[has]])
+        for b in BRACKETS:
+            label = f"n={counts[b]}" if has[b] else "none"
+            ax.text(b, (recall[b] if has[b] else 0) + 0.02, label, ha="center", fontsize=8, color="#333")
+        ax.set_xticks(BRACKETS)
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel("true bracket")
+        ax.set_ylabel("recall (argmax = true)")
+        ax.set_title(title or "per-bracket recall")
+    return fig
+
+
+def plot_curves(histories: dict[str, list[dict]]):
+    """One panel per figure that any run logged, one line per run, against step."""
+    keys = [k for k in CURVE_KEYS if any(
+        isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for h in histories.values() for r in h)]
+    if not keys:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    cols = 3
+    rows = math.ceil(len(keys) / cols)
+    with _rc():
+        fig = _figure(13, 3.0 * rows, left=0.06, right=0.98, bottom=0.45 / (3.0 * rows), top=1 - 0.6 / (3.0 * rows),
+                      hspace=0.55, wspace=0.22)
+        for i, key in enumerate(keys):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            for j, (name, hist) in enumerate(histories.items()):
+                pts = [(r["step"], r[key]) for r in hist if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                if pts:
+                    s, v = zip(*pts)
+                    # dashes and shrinking markers keep runs with equal values visible
+                    ax.plot(s, v, marker="o", ms=max(2.5, 6 - 1.5 * j), lw=1.8, ls=RUN_STYLES[j % len(RUN_STYLES)],
+                            color=RUN_COLORS[j % len(RUN_COLORS)], label=name)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        legend = {}
+        for ax in fig.axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(lab, h)
+        fig.legend(list(legend.values()), list(legend), loc="upper center", ncols=min(len(legend), 6), frameon=False,
+                   fontsize=12)
+    return fig
+
+
+def plot_pool_histogram(percents: dict[str, np.ndarray]):
+    bins = np.arange(0, 105, 5)
+    with _rc():
+        fig = _figure(8, 4.2 + 0.2 * math.ceil(len(percents) / 2), left=0.09, top=0.84)
+        ax = fig.add_subplot()
+        for j, (name, pct) in enumerate(percents.items()):
+            if len(pct):
+                color = RUN_COLORS[j % len(RUN_COLORS)]
+                weights = np.full(len(pct), 100.0 / len(pct))
+                ax.hist(pct, bins=bins, weights=weights, histtype="stepfilled", color=color, alpha=0.15)
+                ax.hist(pct, bins=bins, weights=weights, histtype="step", lw=2, color=color,
+                        label=f"{name} ({np.mean(pct >= 10 * HIGH_SCORE_MIN):.1%} ≥ 50%)")
+        ax.axvline(10 * HIGH_SCORE_MIN, color="#999", ls="--", lw=1)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("predicted score (percent = expected score × 10)")
+        ax.set_ylabel("% of pool images")
+        ax.set_title("predicted scores on the unlabeled pool", pad=12 + 16 * math.ceil(len(percents) / 2))
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
+    return fig
+
+
+def plot_pseudo_quality(quality: dict, counts, title: str = ""):
+    cov = np.array([quality.get(f"pseudo_coverage_{b}", float("nan")) for b in BRACKETS], dtype=np.float64)
+    acc = np.array([quality.get(f"pseudo_accuracy_{b}", float("nan")) for b in BRACKETS], dtype=np.float64)
+    w = 0.38
+    with _rc():
+        fig = _figure(6.2, 4.2)
+        ax = fig.add_subplot()
+        ok = np.isfinite(cov)
+        ax.bar(BRACKETS[ok] - w / 2, cov[ok], w, color="#7f7f7f", label="coverage (accepted / pool images)")
+        ok = np.isfinite(acc)
+        ax.bar(BRACKETS[ok] + w / 2, acc[ok], w, color="#2ca02c", label="accuracy of accepted labels")
+        for b in BRACKETS:
+            ax.text(b, 1.02, f"{counts[b]}", ha="center", fontsize=8, color="#333")
+        ax.set_xticks(BRACKETS)
+        ax.set_ylim(0, 1.25)
+        ax.set_xlabel("true bracket (numbers above: pool images with truth)")
+        ax.set_ylabel("share")
+        ax.set_title(title or (f"pseudo-labels: accuracy {quality['pseudo_accuracy']:.3f}, "
+                               f"coverage {quality['pseudo_coverage']:.3f}"))
+        ax.legend(loc="upper left", frameon=False, ncols=2, fontsize=9)
+    return fig
+
+
+def thumbnail(path, size: int = THUMB_PX):
+    """A size x size RGB tile: small images upscaled by a whole factor with nearest-neighbour
+    (pixels stay sharp), large ones shrunk; letterboxed on light grey."""
+    from PIL import Image
+
+    from .images import UnreadableImage, load_image
+
+    tile = Image.new("RGB", (size, size), (235, 235, 235))
+    try:
+        img = load_image(path, draft_size=size * 2)
+    except UnreadableImage:
+        return tile
+    w, h = img.size
+    factor = size // max(w, h)
+    if factor >= 1:
+        img = img.resize((w * factor, h * factor), Image.Resampling.NEAREST)
+    else:
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return tile
+
+
+def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX):
+    """Thumbnails at 1:1 pixels with 'true b · p%' and the file name under each.
+
+    items: {'path', 'true' (bracket or None), 'percent', 'alert' (bool: red caption)}."""
+    if not items:
+        return None
+    cols = max(1, min(cols, len(items)))
+    rows = math.ceil(len(items) / cols)
+    pad, cap = 12, 40
+    cw, ch = size + pad, size + cap
+    W, H = cols * cw + pad, rows * ch + pad
+    with _rc():
+        fig = _figure(W / 100, H / 100)
+        for i, it in enumerate(items):
+            r, c = divmod(i, cols)
+            x0 = pad + c * cw
+            y0 = H - pad - r * ch - size  # from the bottom, in pixels
+            ax = fig.add_axes((x0 / W, y0 / H, size / W, size / H))
+            ax.imshow(np.asarray(thumbnail(it["path"], size)), interpolation="none")
+            ax.set_axis_off()
+            true = "?" if it.get("true") is None else str(it["true"])
+            fig.text((x0 + size / 2) / W, (y0 - 4) / H, f"true {true} · pred {math.floor(it['percent'])}%", ha="center", va="top",
+                     fontsize=11, color="#c00000" if it.get("alert") else "#111", weight="bold")
+            fig.text((x0 + size / 2) / W, (y0 - 21) / H, _short(Path(str(it["path"])).name, 30), ha="center", va="top",
+                     fontsize=8, color="#666")
+    return fig
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n // 2 - 1] + "…" + text[-(n // 2 - 1):]
+
+
+def grid_items(kind: str, paths, true_bracket, probs, n: int) -> list[dict]:
+    """The images of one grid: 'top' (highest expected score), 'false_positives' (true
+    bracket <= 1, highest expected score first) or 'misses' (largest |expected - true|)."""
+    score = expected_score(probs)
+    true_bracket = np.asarray(true_bracket)
+    if kind == "top":
+        order = np.argsort(-score, kind="stable")
+    elif kind == "false_positives":
+        low = np.flatnonzero(true_bracket <= LOW_BRACKET_MAX)
+        order = low[np.argsort(-score[low], kind="stable")]
+    elif kind == "misses":
+        order = np.argsort(-np.abs(score - true_bracket), kind="stable")
+    else:
+        raise ValueError(kind)
+    return [{"path": paths[i], "true": int(true_bracket[i]), "percent": 10 * score[i],
+             "alert": bool(true_bracket[i] <= LOW_BRACKET_MAX and score[i] >= HIGH_SCORE_MIN)} for i in order[:n]]
+
+
+GRIDS = [
+    ("top", "Top images by predicted score",
+     "What a user keeping the top N would keep. Caption: true bracket · predicted percent (rounded down: 50% means at least 50)."),
+    ("false_positives", "Worst false positives",
+     "Images of true bracket 0–1 (photos, text, manga, no subject) with the highest predicted score; "
+     "red = scored 50% or more, the error users mind most."),
+    ("misses", "Worst misses", "Largest distance between the expected score and the true bracket."),
+]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Png:
+    """A PNG written to the report folder and embedded in the HTML."""
+
+    file: str
+    data: bytes
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> null, numpy -> python."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def best_runs(values: dict[str, float], better: str | None) -> set[str]:
+    """Names holding the best finite value of a row; none when fewer than two runs have a
+    value or all runs agree (nothing to tell apart)."""
+    finite = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if better is None or len(finite) < 2 or len(values) < 2:
+        return set()
+    target = min(finite.values()) if better == "low" else max(finite.values())
+    best = {k for k, v in finite.items() if abs(v - target) <= 1e-12}
+    return set() if len(best) == len(values) else best
+
+
+def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool: str | Path | None = None,
+                 truth: str | Path | None = None, batch_size: int = 64, top_k: int | None = None, grid: int = 12,
+                 workers: int | None = None, device: str | None = None, pool_limit: int | None = None) -> dict:
+    """Score `data` (and `pool`) with every run and write the report into `out`.
+
+    Returns what metrics.json holds. Raises ReportError / LabeledSetError / DataSourceError
+    on bad inputs before anything is written."""
+    import pandas as pd
+    import torch
+
+    from .data import load_pool, load_scored_set
+    from .models import load_model_folder
+
+    if not runs:
+        raise ReportError("give at least one run or model folder")
+    inputs = [open_run(r) for r in runs]
+    for inp, name in zip(inputs, unique_names([i.name for i in inputs])):
+        inp.name = name
+    truth_file = Path(truth) if truth else None
+    if truth_file is not None and not truth_file.is_file():
+        raise ReportError(f"truth file not found: {truth_file}")
+    scored = load_scored_set(data)  # validated whole: a bad image stops here with the full list
+    pool_table = load_pool(str(pool), limit=pool_limit) if pool else None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = list(scored["path"])
+    true_score = np.asarray(scored["score"], dtype=np.float64)
+    true_bracket = bracket_of(true_score)
+    k = int(top_k) if top_k else default_top_k(len(paths))
+    notes = _data_notes(inputs, data, paths)
+
+    results: dict[str, dict] = {}
+    pred_frames, pool_frames = [], []
+    pool_skipped: dict[str, str] = {}
+    pool_paths = None
+    truths: dict[str, dict[str, int]] = {}
+    for inp in inputs:
+        log.info("scoring %d images with %s (%s, %d px)", len(paths), inp.name, inp.info["architecture"], inp.info["image_size"])
+        try:
+            model, _ = load_model_folder(inp.model_dir, device=device)
+        except Exception as exc:
+            raise ReportError(f"{inp.model_dir}: cannot load the model: {type(exc).__name__}: {exc}") from None
+        probs, ok, reasons = predict_probs(model, inp.info, scored, batch_size, workers, device, desc=f"score {inp.name}")
+        if not ok.all():  # validated above; the files changed under us
+            bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
+            raise ReportError(f"{len(bad)} scored image(s) became unreadable: " + "; ".join(bad[:5]))
+        metrics = compute_metrics(probs, true_score, top_k=k)
+        cal = calibration(probs, true_bracket)
+        metrics["ece"] = cal["ece"]
+        last = inp.history[-1] if inp.history else {}
+        metrics["skipped_images"] = last.get("skipped_images") if inp.history else None
+        entry = {
+            "source": str(inp.given), "model_dir": str(inp.model_dir),
+            "run_dir": str(inp.run_dir) if inp.run_dir else None,
+            "architecture": inp.info.get("architecture"), "image_size": inp.info.get("image_size"),
+            "algorithm": inp.info.get("algorithm"), "trained_steps": inp.info.get("trained_steps"),
+            "thresholds": inp.thresholds.tolist(), "model_thresholds": list(inp.info.get("thresholds") or []), "metrics": metrics, "calibration": cal,
+            "last_training_eval": {k2: last.get(k2) for k2 in ("step", "mae", "qwk", "false_positive_rate")} if last else None,
+            "probs": probs,
+        }
+        score = expected_score(probs)
+        frame = pd.DataFrame({"run": inp.name, "path": paths, "score": true_score, "bracket": true_bracket,
+                              "expected_score": score, "percent": 10 * score, "pred_bracket": probs.argmax(1),
+                              "confidence": probs.max(1)})
+        for b in BRACKETS:
+            frame[f"p_{b}"] = probs[:, b]
+        pred_frames.append(frame)
+
+        if pool_table is not None:
+            pprobs, pok, preasons = predict_probs(model, inp.info, pool_table, batch_size, workers, device, desc=f"pool {inp.name}")
+            from .data import row_name
+
+            if pool_paths is None:
+                pool_paths = [str(p) for p in pool_table["path"]] if "path" in pool_table.column_names else \
+                    [row_name(pool_table[i]) for i in range(len(pool_table))]
+            for i in np.flatnonzero(~pok):
+                if pool_paths[i] not in pool_skipped:
+                    pool_skipped[pool_paths[i]] = preasons[i]
+            pprobs = pprobs[pok]
+            kept = [p for p, g in zip(pool_paths, pok) if g]
+            pscore = expected_score(pprobs)
+            accepted = accepted_by_threshold(pprobs, inp.thresholds)
+            pool_entry = {
+                "images_scored": int(pok.sum()), "mean_percent": float(np.mean(10 * pscore)) if len(pscore) else None,
+                "share_at_least_50": float(np.mean(pscore >= HIGH_SCORE_MIN)) if len(pscore) else None,
+                "accepted_share": float(np.mean(accepted)) if len(pscore) else None,
+                "percent": 10 * pscore, "truth": None, "pseudo_label_quality": None,
+            }
+            tfile = truth_file or _run_truth(inp)
+            tb = np.full(len(kept), -1, dtype=np.int64)
+            if tfile is not None:
+                key = str(tfile.resolve())
+                if key not in truths:
+                    truths[key] = load_truth(tfile)
+                table = truths[key]
+                tb = np.array([table.get(os.path.realpath(p), -1) for p in kept], dtype=np.int64)
+                known = tb >= 0
+                pool_entry["truth"] = str(tfile)
+                pool_entry["truth_matched"] = int(known.sum())
+                if known.any():
+                    q = pseudo_label_quality(pprobs[known], tb[known], accepted[known])
+                    pool_entry["pseudo_label_quality"] = q
+                    pool_entry["truth_counts"] = np.bincount(tb[known], minlength=NUM_BRACKETS).tolist()
+                else:
+                    notes.append(f"{inp.name}: none of the {len(kept)} pool images is listed in the truth file {tfile}; "
+                                 "no pseudo-label accuracy")
+            entry["pool"] = pool_entry
+            pf = pd.DataFrame({"run": inp.name, "path": kept, "expected_score": pscore, "percent": 10 * pscore,
+                               "pred_bracket": pprobs.argmax(1), "confidence": pprobs.max(1), "accepted": accepted,
+                               "true_bracket": pd.Series(tb, dtype="Int64").mask(tb < 0)})
+            for b in BRACKETS:
+                pf[f"p_{b}"] = pprobs[:, b]
+            pool_frames.append(pf)
+        results[inp.name] = entry
+        del model
+    if pool_skipped:
+        log.warning("skipped %d unreadable pool image(s), e.g. %s: %s", len(pool_skipped), *next(iter(pool_skipped.items())))
+    if truth_file is not None and pool_table is None:
+        notes.append("--truth was given without --pool: pseudo-label quality needs the pool images")
+
+    # ---- figures
+    images: dict[str, Png] = {}
+
+    def keep(key: str, file: str, fig):
+        if fig is not None:
+            images[key] = Png(file, figure_png(fig))
+
+    names = list(results)
+    cols = 6
+    for name, r in results.items():
+        s = _slug(name)
+        probs = r["probs"]
+        keep(f"confusion/{name}", f"confusion_{s}.png", plot_confusion(true_bracket, probs.argmax(1)))
+        keep(f"hist/{name}", f"score_hist_{s}.png", plot_score_histogram(true_score, probs))
+        keep(f"reliability/{name}", f"reliability_{s}.png", plot_reliability(r["calibration"]))
+        keep(f"recall/{name}", f"recall_{s}.png", plot_recall(r["metrics"], true_bracket))
+        for kind, _, _ in GRIDS:
+            keep(f"grid_{kind}/{name}", f"grid_{kind}_{s}.png",
+                 plot_image_grid(grid_items(kind, paths, true_bracket, probs, grid), cols=cols))
+        pq = (r.get("pool") or {}).get("pseudo_label_quality")
+        if pq:
+            keep(f"pseudo/{name}", f"pseudo_quality_{s}.png", plot_pseudo_quality(pq, r["pool"]["truth_counts"]))
+    histories = {n: inp.history for n, inp in zip(names, inputs) if inp.history}
+    if histories:
+        keep("curves", "training_curves.png", plot_curves(histories))
+    if pool_table is not None:
+        keep("pool", "pool_histogram.png", plot_pool_histogram({n: r["pool"]["percent"] for n, r in results.items()}))
+    for img in images.values():
+        (out / img.file).write_bytes(img.data)
+
+    # ---- tables and files
+    best = {key: sorted(best_runs({n: results[n]["metrics"].get(key) for n in names}, better))
+            for key, _, better in TABLE_ROWS}
+    pool_summary = None
+    if pool_table is not None:
+        pool_summary = {"source": str(pool), "num_images": len(pool_table), "skipped": len(pool_skipped),
+                        "skipped_examples": [{"path": p, "reason": why} for p, why in list(pool_skipped.items())[:100]]}
+    report = {
+        "data": str(data), "num_images": len(paths), "top_k": k,
+        "true_histogram": np.bincount(true_bracket, minlength=NUM_BRACKETS).tolist(),
+        "run_names": names, "pool": pool_summary, "notes": notes, "best": best,
+        "generated": datetime.now().isoformat(timespec="seconds"),
+        "runs": {n: {k2: v for k2, v in r.items() if k2 not in ("probs", "calibration")} | {
+            "calibration_bins": {kk: r["calibration"][kk] for kk in ("count", "accuracy", "confidence")}}
+            for n, r in results.items()},
+    }
+    for r in report["runs"].values():
+        if r.get("pool"):
+            r["pool"] = {kk: v for kk, v in r["pool"].items() if kk != "percent"}
+    report = _clean(report)
+    _atomic_write(out / "metrics.json", json.dumps(report, indent=1).encode())
+    pd.concat(pred_frames, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+    if pool_frames:
+        pd.concat(pool_frames, ignore_index=True).to_parquet(out / "pool_predictions.parquet", index=False)
+    _atomic_write(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
+    return report
+
+
+def _run_truth(inp: RunInput) -> Path | None:
+    t = ((inp.run_json or {}).get("sources") or {}).get("truth")
+    return Path(t) if t and Path(t).is_file() else None
+
+
+def _data_notes(inputs: list[RunInput], data, paths: list[str]) -> list[str]:
+    """Where runs and the scored set disagree about data, in sentences for the report."""
+    notes = []
+    real = {os.path.realpath(p) for p in paths}
+    for inp in inputs:
+        seen = training_paths(inp)
+        if seen:
+            leak = len(real & seen)
+            if leak:
+                notes.append(f"{inp.name}: {leak} of the {len(real)} scored images were in its training data; "
+                             "its figures here are optimistic.")
+        if inp.run_dir is None:
+            notes.append(f"{inp.name}: a bare model folder (no run folder beside it): no training curves, "
+                         "no training data to compare with.")
+    ids = {inp.name: test_set_identity(inp) for inp in inputs}
+    known = {n: i for n, i in ids.items() if i}
+    if len(set(known.values())) > 1:
+        notes.append("the runs were evaluated during training on different test sets ("
+                     + ", ".join(f"{n}: {_describe_test(i, inp)}" for (n, i), inp in zip(known.items(), [x for x in inputs if x.name in known]))
+                     + "): their training curves do not compare directly. The table below scores every run on the same "
+                     f"set, {data}.")
+    for inp in inputs:
+        test = ((inp.run_json or {}).get("sources") or {}).get("test")
+        if test and os.path.realpath(test) != os.path.realpath(str(data)):
+            notes.append(f"{inp.name}: evaluated during training on {test}; this report scores {data}.")
+        elif not test and (ids.get(inp.name) or "").startswith("split:"):
+            import pandas as pd
+
+            df = pd.read_csv(inp.run_dir / "split.csv")
+            if {os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"]} != real:
+                notes.append(f"{inp.name}: evaluated during training on the test split carved from its labeled set "
+                             f"(split.csv); this report scores {data}.")
+    sizes = {inp.info.get("image_size") for inp in inputs}
+    if len(sizes) > 1:
+        notes.append("the models see different image sizes (" + ", ".join(f"{i.name}: {i.info.get('image_size')} px" for i in inputs) + ").")
+    return notes
+
+
+def _describe_test(identity: str, inp: RunInput) -> str:
+    if identity.startswith("source:"):
+        return identity[len("source:"):]
+    return f"split carved from its labeled set ({identity[6:14]})"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:'DejaVu Sans','Liberation Sans',Arial,sans-serif;margin:24px 32px;color:#1a1a1a;font-size:15px;line-height:1.45;background:#fff}
+h1{font-size:26px;margin:0 0 6px}h2{font-size:21px;margin:34px 0 10px;border-bottom:2px solid #ddd;padding-bottom:4px}
+h3{font-size:17px;margin:22px 0 6px}h4{font-size:15px;margin:14px 0 4px;color:#333}
+.meta{color:#444;margin:2px 0}.muted{color:#666;font-size:13px}
+nav a{margin-right:14px;color:#0a58ca;text-decoration:none}
+.notes{background:#fff6e0;border-left:4px solid #e0a800;padding:8px 14px;margin:14px 0}.notes li{margin:3px 0}
+table.metrics{border-collapse:collapse;margin:8px 0;font-size:15px}
+table.metrics th,table.metrics td{border-bottom:1px solid #e3e3e3;padding:5px 14px;text-align:right}
+table.metrics th:first-child,table.metrics td:first-child{text-align:left}
+table.metrics thead th{background:#f3f5f8;border-bottom:2px solid #bbb}
+table.metrics td.best{font-weight:bold;background:#dff3e2;color:#0b5a1e}
+table.metrics tr.group td{background:#fafafa;color:#555;font-size:13px;text-align:left;padding-top:9px}
+.cols{display:grid;gap:18px;align-items:start}
+.cols figure{margin:0}
+figure img,.wide img{max-width:100%;height:auto;display:block}
+figcaption{font-size:13px;color:#555;margin-top:2px}
+.runhead{font-weight:bold;font-size:16px;border-bottom:1px solid #ccc;padding-bottom:3px}
+dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px;margin:4px 0}
+dl.kv dt{color:#555}dl.kv dd{margin:0;word-break:break-all}
+"""
+
+
+def _uri(img: Png) -> str:
+    return "data:image/png;base64," + base64.b64encode(img.data).decode("ascii")
+
+
+def _fmt(v, key: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if isinstance(v, (int, np.integer)) or key == "skipped_images":
+        return str(int(v))
+    return f"{v:.3f}"
+
+
+def render_html(report: dict, images: dict[str, Png], grids: dict) -> str:
+    e = html.escape
+    names = report["run_names"]
+    runs = report["runs"]
+    ncol = len(names)
+    cols_style = f'style="grid-template-columns:repeat({ncol},minmax(420px,1fr))"'
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             f"<title>aessl report: {e(', '.join(names))}</title><style>{CSS}</style></head><body>",
+             "<h1>Evaluation report</h1>",
+             f"<p class='meta'>scored set <b>{e(report['data'])}</b>: {report['num_images']} images; "
+             f"true brackets 0–10: {e(' · '.join(map(str, report['true_histogram'])))}</p>",
+             f"<p class='meta'>runs: {e(', '.join(names))} · top-K with K = {report['top_k']} · generated {e(report['generated'])}</p>",
+             "<nav><a href='#metrics'>metrics</a><a href='#per-run'>plots per run</a><a href='#images'>image grids</a>"
+             "<a href='#curves'>training curves</a>" + ("<a href='#pool'>unlabeled pool</a>" if report["pool"] else "")
+             + "<a href='#runs'>run details</a></nav>"]
+    if report["notes"]:
+        parts.append("<div class='notes'><b>Notes on the data</b><ul>" + "".join(f"<li>{e(n)}</li>" for n in report["notes"]) + "</ul></div>")
+
+    # metrics table
+    parts.append("<h2 id='metrics'>Metrics</h2>")
+    parts.append("<p class='muted'>Every run scored on the same images. "
+                 + ("Best value of each row in <b style='background:#dff3e2;color:#0b5a1e;padding:0 4px'>bold green</b> "
+                    "(lower is better for MAE, false-positive rate and calibration error; higher for the rest; "
+                    "rows where all runs agree are not marked)." if ncol > 1 else "")
+                 + " Recall of bracket b: share of its images whose argmax is b (n = images of that bracket).</p>")
+    hist = report["true_histogram"]
+    rows = ["<table class='metrics'><thead><tr><th>metric</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr></thead><tbody>"]
+    for key, label, better in TABLE_ROWS:
+        if key == "recall_0":
+            rows.append(f"<tr class='group'><td colspan='{ncol + 1}'>per-bracket recall</td></tr>")
+        if key == "skipped_images":
+            rows.append(f"<tr class='group'><td colspan='{ncol + 1}'>data</td></tr>")
+        if key == "top_k_precision":
+            label = f"top-K precision (K = {report['top_k']})"
+        if key.startswith("recall_"):
+            label = f"{label} (n = {hist[int(key.split('_')[1])]})"
+        arrow = {"low": " ↓", "high": " ↑"}.get(better, "")
+        cells = []
+        for n in names:
+            v = runs[n]["metrics"].get(key)
+            cls = " class='best'" if n in report["best"].get(key, []) else ""
+            cells.append(f"<td{cls}>{_fmt(v, key)}</td>")
+        rows.append(f"<tr><td>{e(label)}{arrow}</td>{''.join(cells)}</tr>")
+    if report["pool"]:
+        rows.append(f"<tr class='group'><td colspan='{ncol + 1}'>unlabeled pool ({e(report['pool']['source'])})</td></tr>")
+        for key, label in (("mean_percent", "mean predicted percent"), ("share_at_least_50", "share scored ≥ 50%"),
+                           ("accepted_share", "share a threshold accepts")):
+            rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt((runs[n].get('pool') or {}).get(key))}</td>" for n in names) + "</tr>")
+        for key, label in (("pseudo_accuracy", "pseudo-label accuracy (truth)"), ("pseudo_coverage", "pseudo-label coverage (truth)")):
+            vals = [((runs[n].get("pool") or {}).get("pseudo_label_quality") or {}).get(key) for n in names]
+            if any(v is not None for v in vals):
+                rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in vals) + "</tr>")
+    rows.append("</tbody></table>")
+    parts.extend(rows)
+
+    # per-run plots, side by side
+    parts.append("<h2 id='per-run'>Plots per run</h2>")
+    for key, title, caption in (
+        ("confusion", "Confusion matrix", "Rows: true bracket; columns: predicted bracket (argmax). Numbers are counts; "
+                                          "the shade is the share of the row, so the diagonal shade is the recall."),
+        ("hist", "Predicted vs true scores", "Images per bracket: the truth, the argmax and the expected score rounded."),
+        ("reliability", "Reliability", "Confidence of the argmax against how often it is right, in 10 bins; "
+                                       "bars under the diagonal: over-confident."),
+        ("recall", "Recall per bracket", "Red: brackets 0–1, the images a filter must catch."),
+    ):
+        parts.append(f"<h3>{title}</h3><p class='muted'>{e(caption)}</p><div class='cols' {cols_style}>")
+        for n in names:
+            img = images.get(f"{key}/{n}")
+            extra = f" · ECE {runs[n]['metrics']['ece']:.3f}" if key == "reliability" and runs[n]["metrics"].get("ece") is not None else ""
+            parts.append(f"<figure><div class='runhead'>{e(n)}{e(extra)}</div>"
+                         + (f"<img alt='{e(key)} {e(n)}' src='{_uri(img)}'>" if img else "<p class='muted'>nothing to plot</p>")
+                         + "</figure>")
+        parts.append("</div>")
+
+    # image grids
+    parts.append("<h2 id='images'>Image grids</h2>")
+    for kind, (_, title, caption) in grids.items():
+        parts.append(f"<h3>{e(title)}</h3><p class='muted'>{e(caption)}</p>")
+        for n in names:
+            img = images.get(f"grid_{kind}/{n}")
+            parts.append(f"<h4>{e(n)}</h4>" + (f"<div class='wide'><img alt='{e(title)} {e(n)}' src='{_uri(img)}'></div>" if img
+                                              else "<p class='muted'>no such images in the scored set</p>"))
+
+    # curves
+    parts.append("<h2 id='curves'>Training curves</h2>")
+    if "curves" in images:
+        parts.append("<p class='muted'>From each run's metrics.jsonl (evaluated on the run's own test set during training).</p>"
+                     f"<div class='wide'><img alt='training curves' src='{_uri(images['curves'])}'></div>")
+    else:
+        parts.append("<p class='muted'>No run folder with a metrics.jsonl among the inputs.</p>")
+
+    # pool
+    if report["pool"]:
+        p = report["pool"]
+        parts.append("<h2 id='pool'>Unlabeled pool</h2>")
+        parts.append(f"<p class='meta'>{e(p['source'])}: {p['num_images']} images, {p['skipped']} unreadable and skipped.</p>")
+        if p["skipped_examples"]:
+            parts.append("<ul class='muted'>" + "".join(f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in p["skipped_examples"][:10]) + "</ul>")
+        if "pool" in images:
+            parts.append(f"<div class='wide' style='max-width:900px'><img alt='pool histogram' src='{_uri(images['pool'])}'></div>")
+        if any(f"pseudo/{n}" in images for n in names):
+            parts.append("<h3>Pseudo-labels against the truth</h3><p class='muted'>Pool images whose true bracket is known "
+                         "(truth file): coverage = share the model's per-bracket threshold accepts "
+                         "(max probability ≥ threshold of its argmax; 0.95 where the model has none); "
+                         "accuracy = share of accepted pseudo-labels that are right.</p>"
+                         f"<div class='cols' {cols_style}>")
+            for n in names:
+                img = images.get(f"pseudo/{n}")
+                tfile = (runs[n].get("pool") or {}).get("truth")
+                parts.append(f"<figure><div class='runhead'>{e(n)}</div>"
+                             + (f"<img alt='pseudo-label quality {e(n)}' src='{_uri(img)}'><figcaption>truth: {e(str(tfile))}</figcaption>"
+                                if img else "<p class='muted'>no truth for this run's pool images</p>") + "</figure>")
+            parts.append("</div>")
+
+    # run details
+    parts.append("<h2 id='runs'>Run details</h2>" + f"<div class='cols' {cols_style}>")
+    for n in names:
+        r = runs[n]
+        thr = r.get("model_thresholds") or []
+        if len(thr) != NUM_BRACKETS:
+            thr_text = f"none in the model ({DEFAULT_THRESHOLD} assumed)"
+        elif max(thr) - min(thr) < 1e-9:
+            thr_text = f"{thr[0]:.3f} (all brackets)"
+        else:
+            thr_text = ", ".join(f"{b}: {t:.2f}" for b, t in enumerate(thr))
+        items = [("input", r["source"]), ("model folder", r["model_dir"]), ("run folder", r["run_dir"] or "—"),
+                 ("architecture", r["architecture"]), ("image size", f"{r['image_size']} px"),
+                 ("algorithm", r.get("algorithm") or "—"), ("trained steps", r.get("trained_steps") or "—"),
+                 ("pseudo-label thresholds", thr_text)]
+        lt = r.get("last_training_eval")
+        if lt:
+            items.append(("last training eval", f"step {lt.get('step')}: MAE {_fmt(lt.get('mae'))}, QWK {_fmt(lt.get('qwk'))}, "
+                                                f"FPR {_fmt(lt.get('false_positive_rate'))}"))
+        parts.append(f"<div><div class='runhead'>{e(n)}</div><dl class='kv'>"
+                     + "".join(f"<dt>{e(a)}</dt><dd>{e(str(b))}</dd>" for a, b in items) + "</dl></div>")
+    parts.append("</div><p class='muted'>Files beside this page: metrics.json, predictions.parquet"
+                 + (", pool_predictions.parquet" if report["pool"] else "") + " and every plot as PNG.</p></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,83 @@
+"""Evaluation report for trained models: python ssl/report.py RUN [RUN ...] --data SCORED_SET [options]
+
+Each RUN is a run folder (from ssl/train.py) or a bare model/ folder. Every model scores the
+same scored set (a <score>/ folder tree or a manifest); the report folder then holds
+report.html (self-contained: open it anywhere, nothing is fetched), metrics.json,
+predictions.parquet and every plot as PNG. With --pool it also scores an unlabeled pool
+(score distribution; pseudo-label accuracy and coverage where a truth file knows the answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from datetime import datetime
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) or model/ folder(s), compared side by side")
+    p.add_argument("--data", required=True, help="scored set: folder of <score>/ subfolders or a .csv/.jsonl/.parquet manifest")
+    p.add_argument("--pool", default=None, help="unlabeled pool (folder, manifest or saved dataset): score distribution, pseudo-labels")
+    p.add_argument("--pool-limit", type=int, default=None, help="score at most this many pool images")
+    p.add_argument("--truth", default=None, help="truth.parquet (path, split, bracket, score) for the pool; default: the run's own "
+                                                 "(run.json sources.truth), if any")
+    p.add_argument("--out", default=None, help="report folder (default: reports/<date-time>)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=None, help="K of top-K precision (default: 10%% of the scored set)")
+    p.add_argument("--grid", type=int, default=12, help="images per grid (top, false positives, misses)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: up to 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "grid"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top-k must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from aessl.data import DataSourceError, LabeledSetError
+    from aessl.report import TABLE_ROWS, ReportError, build_report
+
+    out = Path(args.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        report = build_report(args.runs, args.data, out, pool=args.pool, truth=args.truth, batch_size=args.batch_size,
+                              top_k=args.top_k, grid=args.grid, workers=args.workers, device=args.device,
+                              pool_limit=args.pool_limit)
+    except (ReportError, LabeledSetError, DataSourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    names = report["run_names"]
+    width = max(12, *(len(n) for n in names))
+    print(f"\n{report['num_images']} images from {report['data']}")
+    print(f"{'metric':<24}" + "".join(f"{n:>{width + 2}}" for n in names))
+    for key, _, better in TABLE_ROWS:
+        if key.startswith("recall_"):
+            continue
+        cells = []
+        for n in names:
+            v = report["runs"][n]["metrics"].get(key)
+            text = "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (
+                str(int(v)) if key == "skipped_images" else f"{v:.4f}")
+            cells.append(f"{text + (' *' if n in report['best'].get(key, []) else ''):>{width + 2}}")
+        print(f"{key:<24}" + "".join(cells))
+    if len(names) > 1:
+        print("(* best)")
+    if report["pool"]:
+        print(f"pool: {report['pool']['num_images']} images, {report['pool']['skipped']} unreadable skipped")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"\nreport: {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""ssl/report.py: evaluation reports built from two tiny trained runs.
+
+The runs are trained once for the module (in parallel: one supervised, one FixMatch); each
+test then builds a report and checks it as a user and as a script would: every part is
+there, the numbers agree with scikit-learn/scipy recomputed here from the report's own
+predictions, and the HTML opens with nothing fetched from anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+from sklearn.metrics import accuracy_score, cohen_kappa_score, mean_absolute_error
+
+from conftest import ROOT, TINY, run_script, toy_image
+
+PLOTS_PER_RUN = ("confusion", "score_hist", "reliability", "recall", "grid_top", "grid_false_positives", "grid_misses")
+
+
+@pytest.fixture(scope="module")
+def runs(toy_data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("report_runs")
+    common = [*TINY, "train.steps=4", "train.eval_every=2", "train.save_every=4",
+              f"data.labeled={toy_data['labeled']}", f"data.test={toy_data['test']}", f"data.unlabeled={toy_data['unlabeled']}"]
+    spec = {"sup": ["algorithm.name=supervised", "seed=0"], "fix": ["algorithm.name=fixmatch", "seed=1"]}
+    with ThreadPoolExecutor(2) as pool:  # two processes: the machine has two cores
+        jobs = [pool.submit(run_script, "train.py", *common, *extra, f"output_dir={root / name}") for name, extra in spec.items()]
+        for job in jobs:
+            job.result()
+    return {name: root / name for name in spec}
+
+
+@pytest.fixture(scope="module")
+def pool_with_truth(tmp_path_factory) -> dict:
+    """A small pool whose true brackets are known, plus one file that is not an image."""
+    root = tmp_path_factory.mktemp("truth_pool")
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(22):
+        b = i % 11
+        rel = f"pool/p{i:02d}.png"
+        (root / "pool").mkdir(exist_ok=True)
+        toy_image(b, rng).save(root / rel)
+        rows.append({"path": rel, "split": "unlabeled", "bracket": b, "score": float(b)})
+    (root / "pool" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    pd.DataFrame(rows).to_parquet(root / "truth.parquet")
+    return {"pool": root / "pool", "truth": root / "truth.parquet"}
+
+
+def report_main():
+    """ssl/report.py's main(), called in this process (saves a Python start per test)."""
+    spec = importlib.util.spec_from_file_location("report_script", ROOT / "ssl" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def external_references(text: str) -> list[str]:
+    found = re.findall(r"https?://[^\s'\"<>]*", text)
+    found += [s for s in re.findall(r"""\bsrc\s*=\s*["']?([^"'\s>]*)""", text) if not s.startswith("data:")]
+    found += [u for u in re.findall(r"""url\(\s*["']?([^)"']*)""", text) if not u.startswith("data:")]
+    found += re.findall(r"<link\b[^>]*>", text, re.I)
+    found += re.findall(r"<script\b[^>]*\bsrc\b[^>]*>", text, re.I)
+    found += re.findall(r"""\bhref\s*=\s*["']?(?!#)([^"'\s>]+)""", text)
+    return found
+
+
+def ece(probs: np.ndarray, true_bracket: np.ndarray, bins: int = 10) -> float:
+    conf, right = probs.max(1), probs.argmax(1) == true_bracket
+    total = 0.0
+    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
+        sel = (conf > lo) & (conf <= hi) if lo > 0 else (conf <= hi)
+        if sel.any():
+            total += sel.mean() * abs(right[sel].mean() - conf[sel].mean())
+    return total
+
+
+def test_one_run_report_has_every_part_and_sklearn_agrees(runs, toy_data, tmp_path):
+    out = tmp_path / "one"
+    assert report_main()([str(runs["sup"]), "--data", str(toy_data["test"]), "--out", str(out), "--workers", "0",
+                          "--grid", "4", "--top-k", "5"]) == 0
+
+    for part in ("report.html", "metrics.json", "predictions.parquet", "training_curves.png",
+                 *(f"{p}_sup.png" for p in PLOTS_PER_RUN)):
+        assert (out / part).is_file() and (out / part).stat().st_size > 0, part
+    assert not (out / "pool_histogram.png").exists()
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["run_names"] == ["sup"] and report["data"] == str(toy_data["test"])
+    m = report["runs"]["sup"]["metrics"]
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert len(pred) == report["num_images"] == 33 and set(pred["run"]) == {"sup"}
+    probs = pred[[f"p_{b}" for b in range(11)]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    true_b, pred_b = pred["bracket"].to_numpy(), probs.argmax(1)
+    expected = probs @ np.arange(11)
+    assert m["qwk"] == pytest.approx(cohen_kappa_score(true_b, pred_b, weights="quadratic", labels=np.arange(11)), abs=1e-9)
+    assert m["accuracy"] == pytest.approx(accuracy_score(true_b, pred_b))
+    assert m["mae"] == pytest.approx(mean_absolute_error(pred["score"], expected))
+    assert m["spearman"] == pytest.approx(spearmanr(expected, pred["score"]).statistic)
+    assert m["accuracy_within_1"] == pytest.approx(np.mean(np.abs(true_b - pred_b) <= 1))
+    assert m["ece"] == pytest.approx(ece(probs, true_b))
+    low = true_b <= 1
+    assert m["false_positive_rate"] == pytest.approx(np.mean(expected[low] >= 5))
+    assert m["top_k"] == 5 and report["top_k"] == 5
+    for b in range(11):
+        assert m[f"recall_{b}"] == pytest.approx(np.mean(pred_b[true_b == b] == b))
+    assert m["skipped_images"] == 0  # known from the run's metrics.jsonl
+
+    page = (out / "report.html").read_text()
+    assert external_references(page) == []
+    for text in ("Confusion matrix", "Reliability", "ECE", "Recall per bracket", "Worst false positives", "Worst misses",
+                 "Top images", "Training curves", "quadratic-weighted kappa", "false-positive rate"):
+        assert text in page, text
+    assert page.count("src='data:image/png;base64,") == len(PLOTS_PER_RUN) + 1  # + training curves
+    assert "class='best'" not in page  # nothing to compare with one run
+
+
+def test_two_runs_side_by_side_with_pool_and_truth(runs, toy_data, pool_with_truth, tmp_path):
+    out = tmp_path / "two"
+    proc = run_script("report.py", runs["sup"], runs["fix"], "--data", toy_data["test"], "--pool", pool_with_truth["pool"],
+                      "--truth", pool_with_truth["truth"], "--out", out, "--grid", "4", "--workers", "2")
+    assert "report:" in proc.stdout and "1 unreadable skipped" in proc.stdout
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["run_names"] == ["sup", "fix"]
+    maes = {n: report["runs"][n]["metrics"]["mae"] for n in ("sup", "fix")}
+    assert maes["sup"] != maes["fix"]
+    assert report["best"]["mae"] == [min(maes, key=maes.get)]
+    qwk = {n: report["runs"][n]["metrics"]["qwk"] for n in ("sup", "fix")}
+    assert report["best"]["qwk"] == ([] if qwk["sup"] == qwk["fix"] else [max(qwk, key=qwk.get)])
+
+    page = (out / "report.html").read_text()
+    assert external_references(page) == []
+    header = re.search(r"<table class='metrics'><thead>(.*?)</thead>", page).group(1)
+    assert "<th>sup</th>" in header and "<th>fix</th>" in header
+    mae_row = re.search(r"<tr><td>MAE \(brackets\)[^<]*</td>(.*?)</tr>", page).group(1)
+    cells = re.findall(r"<td( class='best')?>", mae_row)
+    assert cells == ([" class='best'", ""] if report["best"]["mae"] == ["sup"] else ["", " class='best'"])
+
+    # the pool: histogram in percent, one unreadable file skipped and counted, pseudo-labels vs truth
+    assert (out / "pool_histogram.png").is_file() and "alt='pool histogram'" in page and "id='pool'" in page
+    assert report["pool"]["num_images"] == 23 and report["pool"]["skipped"] == 1
+    assert report["pool"]["skipped_examples"][0]["path"].endswith("broken.png")
+    pool_pred = pd.read_parquet(out / "pool_predictions.parquet")
+    assert len(pool_pred) == 2 * 22 and pool_pred["true_bracket"].notna().all()
+    for name in ("sup", "fix"):
+        p = report["runs"][name]["pool"]
+        assert p["images_scored"] == 22 and p["truth_matched"] == 22
+        q = p["pseudo_label_quality"]
+        rows = pool_pred[pool_pred["run"] == name]
+        assert q["pseudo_coverage"] == pytest.approx(rows["accepted"].mean())
+        assert set(q) >= {f"pseudo_accuracy_{b}" for b in range(11)} | {f"pseudo_coverage_{b}" for b in range(11)}
+        assert (out / f"pseudo_quality_{name}.png").is_file()
+    # the supervised model has no thresholds: FixMatch's 0.95 stands in; FixMatch keeps its own
+    assert report["runs"]["sup"]["thresholds"] == [0.95] * 11
+    assert report["runs"]["fix"]["model_thresholds"] == pytest.approx([0.95] * 11)
+
+
+def test_bare_model_folder_and_different_test_sets(runs, toy_data, tmp_path):
+    bare = tmp_path / "exported" / "my_model"
+    shutil.copytree(runs["fix"] / "model", bare)
+    out = tmp_path / "bare"
+    # a scored set the run trained on: the report must say so
+    assert report_main()([str(bare), str(runs["sup"]), "--data", str(toy_data["labeled"]), "--out", str(out),
+                          "--workers", "0", "--grid", "2"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["run_names"] == ["my_model", "sup"]
+    assert report["runs"]["my_model"]["run_dir"] is None
+    assert report["runs"]["my_model"]["metrics"]["skipped_images"] is None
+    notes = " ".join(report["notes"])
+    assert "my_model: a bare model folder" in notes
+    assert "sup: 88 of the 88 scored images were in its training data" in notes
+    assert f"evaluated during training on {toy_data['test']}" in notes
+    page = (out / "report.html").read_text()
+    assert external_references(page) == [] and "Notes on the data" in page
+    assert (out / "confusion_my_model.png").is_file()
+
+
+def test_bad_inputs_exit_2_with_the_file_named(runs, toy_data, tmp_path, capsys):
+    bad_set = tmp_path / "scored"
+    shutil.copytree(toy_data["test"], bad_set)
+    (bad_set / "03" / "broken.png").write_bytes(b"garbage")
+    main = report_main()
+    assert main([str(runs["sup"]), "--data", str(bad_set), "--out", str(tmp_path / "r1"), "--workers", "0"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not (tmp_path / "r1" / "report.html").exists()
+    assert main([str(tmp_path / "nowhere"), "--data", str(toy_data["test"]), "--out", str(tmp_path / "r2")]) == 2
+    assert "nowhere" in capsys.readouterr().err
