@@ -145,7 +145,7 @@ def test_resume_after_lost_manifest_shard_and_stale_tmp(setup, tmp_path, capsys)
     m = manifest(out)
     assert m["complete"] and m["this_run"]["shards"] == 2 and m["this_run"]["resumed_shards"] == 3
     assert m["unreadable"] == len(BAD)
-    assert "3 shard(s) resumed" in capsys.readouterr().out
+    assert "3 of 5 shard(s) already done" in capsys.readouterr().out
 
 
 class Killed(BaseException):

@@ -481,7 +481,7 @@ def contact_sheet(items: list[tuple[int, float, object]], path: Path, cell: int 
             sheet.paste(thumb, (x0 + (cell - thumb.width) // 2, y0 + (cell - thumb.height) // 2))
         except UnreadableImage:
             draw.text((x0 + 6, y0 + cell // 2), "unreadable", fill=(200, 80, 80), font=font)
-        label = f"{rank}. {percent:.1f}%"
+        label = f"{rank}. {math.floor(percent * 10) / 10:.1f}%"  # floor: 99.96 is not "100.0%"
         box = draw.textbbox((x0 + 4, y0 + cell - 4), label, font=font, anchor="lb")
         draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
         draw.text((x0 + 4, y0 + cell - 4), label, fill=(255, 255, 255), font=font, anchor="lb")
@@ -826,7 +826,7 @@ def main(argv=None) -> int:
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     rate = f"{seen / elapsed:.1f}" if elapsed > 0 and seen else "-"
-    resumed = f", {len(done)} shard(s) resumed" if done else ""
+    resumed = f", {len(done)} of {expected} shard(s) already done" if done else ""
     print(f"export: {manifest['rows_written']} rows written ({manifest['rows_scored']} scored, "
           f"{manifest['unreadable']} unreadable) to {out} | this run: {seen} images in {elapsed:.1f}s, "
           f"{rate} images/s, {world} process(es) on {device.type}{resumed}")
