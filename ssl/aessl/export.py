@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-score", type=float, default=None, metavar="P", help="keep only rows with score_percent >= P (0-100)")
     p.add_argument("--max-score", type=float, default=None, metavar="P", help="keep only rows with score_percent <= P (0-100)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per process (default: min(8, CPU cores / processes on this machine))")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source rows per output shard")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
@@ -102,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     problems = []
     if args.batch_size < 1:
         problems.append("--batch-size must be >= 1")
+    if args.workers is None:  # 8 GPUs x 8 workers on a 16-core box would only thrash
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        args.workers = max(1, min(8, (os.cpu_count() or 1) // local))
     if args.workers < 0:
         problems.append("--workers must be >= 0")
     if args.shard_size < 1:
