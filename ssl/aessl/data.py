@@ -261,10 +261,10 @@ def load_pool(source: str, streaming: bool = False, limit: int | None = None):
 
 
 def row_source(row: dict):
-    """What to hand to load_image for one table row."""
-    if "image" in row and row["image"] is not None:
+    """What to hand to load_image for one table row (None when the row holds no image)."""
+    if row.get("image") is not None:
         return row["image"]
-    return row["path"]
+    return row.get("path")
 
 
 def row_name(row: dict) -> str:

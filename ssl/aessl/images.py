@@ -81,6 +81,8 @@ def open_image(source) -> Image.Image:
 
 
 def describe(source) -> str:
+    if source is None:
+        return "<no image>"
     if isinstance(source, dict):
         return str(source.get("path") or "<bytes>")
     if isinstance(source, (bytes, bytearray)):
@@ -96,6 +98,8 @@ def load_image(source, draft_size: int | None = None) -> Image.Image:
     needed (a large speed-up for huge photos). Raises `UnreadableImage` on anything else.
     """
     name = describe(source)
+    if source is None or (isinstance(source, dict) and not source.get("bytes") and not source.get("path")):
+        raise UnreadableImage(name, "the row holds no image (no bytes and no path)")
     if isinstance(source, (str, os.PathLike)):
         try:
             if os.path.getsize(source) == 0:
