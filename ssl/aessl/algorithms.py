@@ -203,7 +203,7 @@ def thresholds_for_export(algo) -> list[float]:
     fig = threshold_figures(algo)
     if not fig:
         return []
-    return [fig[f"threshold_{b}"] for b in range(NUM_BRACKETS)]
+    return [round(fig[f"threshold_{b}"], 6) for b in range(NUM_BRACKETS)]  # float32 noise off
 
 
 class AlgorithmState:
