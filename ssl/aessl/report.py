@@ -425,7 +425,7 @@ def plot_curves(histories: dict[str, list[dict]]):
                             color=RUN_COLORS[j % len(RUN_COLORS)], label=name)
             ax.set_title(key)
             ax.set_xlabel("step")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
             ax.grid(alpha=0.3)
         legend = {}
         for ax in fig.axes:
@@ -470,6 +470,8 @@ def plot_pseudo_quality(quality: dict, counts, title: str = ""):
         ax.bar(BRACKETS[ok] + w / 2, acc[ok], w, color="#2ca02c", label="accuracy of accepted labels")
         for b in BRACKETS:
             ax.text(b, 1.02, f"{counts[b]}", ha="center", fontsize=8, color="#333")
+            if np.isfinite(acc[b]) and acc[b] < 0.03:  # accepted but all wrong: a bar too low to see
+                ax.text(b + w / 2, 0.02, "0", ha="center", fontsize=8, color="#c00000", weight="bold")
         ax.set_xticks(BRACKETS)
         ax.set_ylim(0, 1.25)
         ax.set_xlabel("true bracket (numbers above: pool images with truth)")
