@@ -641,7 +641,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
 
     results: dict[str, dict] = {}
     pred_frames, pool_frames = [], []
-    pool_skipped: dict[str, str] = {}
+    pool_skipped: dict[int, tuple[str, str]] = {}  # row -> (name, reason); names of byte rows repeat
     pool_paths = None
     truths: dict[str, dict[str, int]] = {}
     for inp in inputs:
@@ -682,10 +682,10 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
 
             if pool_paths is None:
                 pool_paths = [str(p) for p in pool_table["path"]] if "path" in pool_table.column_names else \
-                    [row_name(pool_table[i]) for i in range(len(pool_table))]
+                    [n if n != "<bytes>" else f"{pool}[row {i}]" for i, n in
+                     ((i, row_name(pool_table[i])) for i in range(len(pool_table)))]
             for i in np.flatnonzero(~pok):
-                if pool_paths[i] not in pool_skipped:
-                    pool_skipped[pool_paths[i]] = preasons[i]
+                pool_skipped.setdefault(int(i), (pool_paths[i], preasons[i]))
             pprobs = pprobs[pok]
             kept = [p for p, g in zip(pool_paths, pok) if g]
             pscore = expected_score(pprobs)
@@ -724,7 +724,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
         results[inp.name] = entry
         del model
     if pool_skipped:
-        log.warning("skipped %d unreadable pool image(s), e.g. %s: %s", len(pool_skipped), *next(iter(pool_skipped.items())))
+        log.warning("skipped %d unreadable pool image(s), e.g. %s: %s", len(pool_skipped), *next(iter(pool_skipped.values())))
     if truth_file is not None and pool_table is None:
         notes.append("--truth was given without --pool: pseudo-label quality needs the pool images")
 
@@ -764,7 +764,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     pool_summary = None
     if pool_table is not None:
         pool_summary = {"source": str(pool), "num_images": len(pool_table), "skipped": len(pool_skipped),
-                        "skipped_examples": [{"path": p, "reason": why} for p, why in list(pool_skipped.items())[:100]]}
+                        "skipped_examples": [{"path": p, "reason": why} for p, why in list(pool_skipped.values())[:100]]}
     report = {
         "data": str(data), "num_images": len(paths), "top_k": k,
         "true_histogram": np.bincount(true_bracket, minlength=NUM_BRACKETS).tolist(),
