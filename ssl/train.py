@@ -40,7 +40,8 @@ def main(argv=None) -> int:
 
     import torch
     import timm.utils
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration, parse_flag_from_env
     from accelerate.utils import broadcast_object_list, gather_object, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -56,10 +57,18 @@ def main(argv=None) -> int:
     from aessl.transforms import eval_transform, train_transforms
 
     tcfg, dcfg = cfg.train, cfg.data
+    # The run folder is chosen before the Accelerator exists (trackers need it): the main
+    # process picks it and every process writes to that one.
+    out = [cfg.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
+    # (PartialState does not read ACCELERATE_USE_CPU by itself; AcceleratorState would.)
+    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes > 1:
+        broadcast_object_list(out, from_process=0)
+    run_dir = Path(out[0])
     accelerator = Accelerator(
         mixed_precision=tcfg.mixed_precision,
         gradient_accumulation_steps=int(tcfg.grad_accum),
         log_with=None if tcfg.tracker in (None, "none") else tcfg.tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -69,9 +78,6 @@ def main(argv=None) -> int:
     set_seed(int(cfg.seed))
 
     # ---------------------------------------------------------------- run folder
-    out = [cfg.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
-    broadcast_object_list(out)  # every process writes to the folder the main one chose
-    run_dir = Path(out[0])
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
     if not cfg.resume and (run_dir / "metrics.jsonl").exists():
         if accelerator.is_main_process:
@@ -175,7 +181,7 @@ def main(argv=None) -> int:
             kept = [l for l in mfile.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start_step]
             mfile.write_text("".join(l + "\n" for l in kept))
     if accelerator.log_with:
-        accelerator.init_trackers(str(run_dir.resolve() / "tb") if tcfg.tracker == "tensorboard" else "aessl",
+        accelerator.init_trackers("aessl",
                                   config={k: v for k, v in _flat(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))})
 
     # ---------------------------------------------------------------- loaders

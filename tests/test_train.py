@@ -72,7 +72,8 @@ def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
 def test_refuses_to_overwrite_a_run(toy_data, tmp_path):
     run = tmp_path / "run"
     assert train_in_process(*data_args(toy_data), "train.steps=2", "train.eval_every=2", f"output_dir={run}",
-                            "algorithm.name=supervised") == 0
+                            "algorithm.name=supervised", "train.tracker=tensorboard") == 0
+    assert list((run / "tb").rglob("events.out.tfevents.*"))  # TensorBoard, the default tracker
     assert train_in_process(*data_args(toy_data), "train.steps=2", f"output_dir={run}",
                             "algorithm.name=supervised") == 2
 

@@ -44,7 +44,7 @@ DEFAULTS = {
         "strong_exclude_color": False,
     },
     "model": {
-        "name": "resnet10t",  # any timm name or hf-hub:<id>
+        "name": "test_convnext3",  # any timm name or hf-hub:<id>
         "pretrained": False,  # false, true (timm/Hub weights), or a path to a local .safetensors/.pth
         "drop_rate": 0.0,
         "kwargs": {},  # extra timm.create_model keyword arguments
