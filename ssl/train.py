@@ -311,6 +311,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- final model
     if accelerator.is_main_process:
         extra = {"algorithm": cfg.algorithm.name, "thresholds": algos.thresholds_for_export(algo),
+                 "confidence_radius": int(getattr(algo, "conf_radius", 0)),
                  "trained_steps": steps, "seed": int(cfg.seed)}
         save_model_folder(ema.module, info, run_dir / "model", extra)
         if last_metrics is None:

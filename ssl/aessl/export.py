@@ -19,7 +19,8 @@ Columns (one row per readable image inside the score band):
   expected_score  sum_b p_b * b, 0-10
   score_percent   expected_score * 10, the model card's percent
   bracket         argmax bracket 0-10
-  confidence      the argmax probability
+  confidence      the argmax probability (or, for a model whose config.json sets
+                  confidence_radius r, the mass within +-r brackets of the argmax)
   prob_0..prob_10 the 11 bracket probabilities (flat float columns: easy to filter in
                   datasets, pandas, SQL engines; `np.stack` them for a matrix)
   accepted        confidence >= the threshold of the argmax bracket
@@ -51,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from .data import DataSourceError, EvalDataset, load_pool, row_name, row_source, worker_init
-from .metrics import NUM_BRACKETS, expected_score
+from .metrics import NUM_BRACKETS, confidence, expected_score
 
 log = logging.getLogger("aessl.export")
 
@@ -312,7 +313,7 @@ def output_schema(meta: dict | None = None):
     return pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()} if meta is not None else None)
 
 
-def score_table(rows, names, probs, thresholds, band, meta):
+def score_table(rows, names, probs, thresholds, band, meta, radius: int = 0):
     """The rows of one shard as an arrow table (band applied), with `meta` in the schema."""
     import pyarrow as pa
 
@@ -320,7 +321,8 @@ def score_table(rows, names, probs, thresholds, band, meta):
     exp = expected_score(probs)
     pct = exp * 10.0
     bracket = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
-    conf = probs.max(axis=1) if len(probs) else np.zeros(0)
+    # the model's own confidence rule (config.json `confidence_radius`; 0 = argmax probability)
+    conf = confidence(probs, radius) if len(probs) else np.zeros(0)
     keep = np.ones(len(probs), dtype=bool)
     if band[0] is not None:
         keep &= pct >= band[0]
@@ -729,7 +731,8 @@ def main(argv=None) -> int:
         probs = np.concatenate(buf["probs"])[ok] if buf["probs"] else np.zeros((0, NUM_BRACKETS))
         meta = {**meta_base, "shard": k, "row_start": start, "row_end": end, "rows_scored": int(ok.sum()),
                 "unreadable": len(errors), "errors": errors, "rank": rank, "num_processes": world}
-        table = score_table(rows[ok], [nm for nm, g in zip(names, ok) if g], probs, thresholds, band, meta)
+        table = score_table(rows[ok], [nm for nm, g in zip(names, ok) if g], probs, thresholds, band, meta,
+                            radius=int(info.get("confidence_radius", 0)))
         meta["rows_written"] = table.num_rows
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
         import pyarrow.parquet as pq

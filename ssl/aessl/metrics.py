@@ -107,6 +107,24 @@ def compute_metrics(probs, true_score, top_k: int | None = None) -> dict:
     return out
 
 
+def confidence(probs, radius: int = 0) -> np.ndarray:
+    """A model's confidence in its argmax bracket: the argmax probability (radius 0, USB's
+    algorithms) or the mass within +-radius brackets of it (the ordinal algorithm; the
+    model's config.json records `confidence_radius`)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not radius:
+        return probs.max(axis=1)
+    top = probs.argmax(axis=1)
+    near = np.abs(BRACKETS[None, :] - top[:, None]) <= int(radius)
+    return np.minimum((probs * near).sum(axis=1), 1.0)
+
+
+def accepted_by_threshold(probs, thresholds, radius: int = 0) -> np.ndarray:
+    """Whether each pseudo-label passes the model's threshold for its argmax bracket."""
+    probs = np.asarray(probs)
+    return confidence(probs, radius) >= np.asarray(thresholds, dtype=np.float64)[probs.argmax(axis=1)]
+
+
 def pseudo_label_quality(probs, true_bracket, accepted) -> dict:
     """Accuracy and coverage of accepted pseudo-labels per true bracket (synthetic truth).
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import (BRACKETS, HIGH_SCORE_MIN, LOW_BRACKET_MAX, NUM_BRACKETS, bracket_of, compute_metrics,
-                      default_top_k, expected_score, pseudo_label_quality)
+                      accepted_by_threshold, confidence, default_top_k, expected_score,
+                      pseudo_label_quality)
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +249,6 @@ def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int =
             probs[idx[good]] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
             ok[idx[good]] = True
     return probs, ok, reasons
-
-
-def accepted_by_threshold(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Would the training algorithm take this image's pseudo-label: max prob >= threshold of
-    its argmax bracket."""
-    pred = probs.argmax(axis=1)
-    return probs.max(axis=1) >= np.asarray(thresholds)[pred]
 
 
 def calibration(probs, true_bracket, bins: int = CALIBRATION_BINS) -> dict:
@@ -689,7 +683,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
             pprobs = pprobs[pok]
             kept = [p for p, g in zip(pool_paths, pok) if g]
             pscore = expected_score(pprobs)
-            accepted = accepted_by_threshold(pprobs, inp.thresholds)
+            accepted = accepted_by_threshold(pprobs, inp.thresholds, int(inp.info.get("confidence_radius", 0)))
             pool_entry = {
                 "images_scored": int(pok.sum()), "mean_percent": float(np.mean(10 * pscore)) if len(pscore) else None,
                 "share_at_least_50": float(np.mean(pscore >= HIGH_SCORE_MIN)) if len(pscore) else None,
@@ -716,7 +710,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
                                  "no pseudo-label accuracy")
             entry["pool"] = pool_entry
             pf = pd.DataFrame({"run": inp.name, "path": kept, "expected_score": pscore, "percent": 10 * pscore,
-                               "pred_bracket": pprobs.argmax(1), "confidence": pprobs.max(1), "accepted": accepted,
+                               "pred_bracket": pprobs.argmax(1), "confidence": confidence(pprobs, int(inp.info.get("confidence_radius", 0))), "accepted": accepted,
                                "true_bracket": pd.Series(tb, dtype="Int64").mask(tb < 0)})
             for b in BRACKETS:
                 pf[f"p_{b}"] = pprobs[:, b]

@@ -1,0 +1,178 @@
+"""OrdinalMatch: confident soft pseudo-labels per score bracket (`algorithm.name=ordinal`).
+
+USB's algorithms treat the 11 brackets as unrelated classes. Aesthetic scores are ordered,
+rare at both ends, and read as a number (users sort by the expected score). Each part
+below answers one of those facts and can be switched off for an ablation:
+
+- ordinal_conf: the confidence of a weak-view prediction is the probability mass within
+  +-conf_radius brackets of the predicted (argmax) bracket, not the top class alone. A
+  teacher torn 0.48/0.47 between brackets 6 and 7 knows the score is 6-7: confident.
+  Off: max probability (FixMatch's rule).
+- ordinal_smoothing: the soft target is the sharpened distribution (temperature T)
+  smoothed with a Gaussian over bracket distance (smooth_sigma), so a near miss costs
+  less than a far one. Off: sharpened only.
+- per_bracket_threshold: acceptance threshold = a global, self-adaptive level (EMA of the
+  mean confidence, FreeMatch's idea) plus a per-bracket offset that a small controller
+  moves until the share of accepted pseudo-labels in each bracket matches that bracket's
+  share of the labeled prior: rare brackets (0, 8-10) keep getting pseudo-labels. Off: one
+  threshold for all brackets, the global level.
+- dist_align: weak-view probabilities are multiplied by prior / EMA(model's mean
+  prediction on the pool) and renormalised (ReMixMatch/AdaMatch), pulling pseudo-labels
+  toward the labeled bracket histogram. Off: raw probabilities.
+- score_loss_weight: an L1 term on the expected score (normalised to 0-1, as the model
+  card's predictor was trained), on labeled images and on accepted pseudo-labels, besides
+  the bracket cross-entropy. 0: bracket losses only.
+
+All running statistics are tensor attributes, so `AlgorithmState` checkpoints them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from semilearn.algorithms.utils import SSL_Argument, str2bool
+from semilearn.core.algorithmbase import AlgorithmBase
+from semilearn.core.utils import ALGORITHMS
+
+NUM = 11
+
+
+def window_mass(probs: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, predicted bracket): the mass within +-radius of the argmax bracket
+    (radius 0: the argmax probability, FixMatch's confidence)."""
+    top = probs.argmax(dim=-1)
+    if radius <= 0:
+        return probs.gather(-1, top[:, None]).squeeze(-1), top
+    b = torch.arange(probs.shape[-1], device=probs.device)
+    near = ((b[None, :] - top[:, None]).abs() <= radius).to(probs.dtype)
+    return (probs * near).sum(-1).clamp(max=1.0), top
+
+
+def ordinal_kernel(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    b = torch.arange(NUM, device=device, dtype=dtype)
+    k = torch.exp(-((b[:, None] - b[None, :]) ** 2) / (2 * sigma**2))
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def soft_targets(probs: torch.Tensor, T: float, sigma: float | None) -> torch.Tensor:
+    sharp = probs.clamp_min(1e-12) ** (1.0 / T)
+    sharp = sharp / sharp.sum(dim=-1, keepdim=True)
+    if sigma:
+        sharp = sharp @ ordinal_kernel(sigma, sharp.device, sharp.dtype)
+    return sharp
+
+
+def expected(probs: torch.Tensor) -> torch.Tensor:
+    return probs @ torch.arange(NUM, device=probs.device, dtype=probs.dtype)
+
+
+@ALGORITHMS.register("ordinal")
+class OrdinalMatch(AlgorithmBase):
+    def __init__(self, args, net_builder, tb_log=None, logger=None):
+        super().__init__(args, net_builder, tb_log, logger)
+        prior = getattr(args, "lb_prior", None)
+        prior = torch.full((NUM,), 1.0 / NUM) if prior is None else torch.as_tensor(prior, dtype=torch.float32)
+        self.prior = prior / prior.sum()
+        self.init(**{k: getattr(args, k) for k in (
+            "T", "smooth_sigma", "ordinal_smoothing", "ordinal_conf", "conf_radius", "per_bracket_threshold",
+            "thresh_min", "thresh_max", "thresh_momentum", "controller_rate", "dist_align", "da_momentum",
+            "score_loss_weight")})
+
+    def init(self, T, smooth_sigma, ordinal_smoothing, ordinal_conf, conf_radius, per_bracket_threshold,
+             thresh_min, thresh_max, thresh_momentum, controller_rate, dist_align, da_momentum, score_loss_weight):
+        self.T, self.smooth_sigma = float(T), float(smooth_sigma)
+        self.use_smoothing, self.use_ordinal_conf = bool(ordinal_smoothing), bool(ordinal_conf)
+        self.conf_radius = int(conf_radius) if ordinal_conf else 0
+        self.use_per_bracket = bool(per_bracket_threshold)
+        self.thresh_min, self.thresh_max = float(thresh_min), float(thresh_max)
+        self.thresh_momentum, self.controller_rate = float(thresh_momentum), float(controller_rate)
+        self.use_dist_align, self.da_momentum = bool(dist_align), float(da_momentum)
+        self.score_loss_weight = float(score_loss_weight)
+        # running state (tensors: checkpointed by AlgorithmState)
+        self.global_level = torch.tensor(-1.0)  # < 0: not seen a batch yet
+        self.offset = torch.zeros(NUM)
+        self.accepted_share = self.prior.clone()
+        self.p_model = torch.full((NUM,), 1.0 / NUM)
+
+    # ------------------------------------------------------------------ pieces
+    def align(self, probs: torch.Tensor) -> torch.Tensor:
+        if not self.use_dist_align:
+            return probs
+        self.p_model = self.p_model.to(probs.device)
+        self.p_model = self.da_momentum * self.p_model + (1 - self.da_momentum) * probs.mean(0).detach()
+        aligned = probs * (self.prior.to(probs.device) / self.p_model.clamp_min(1e-6))
+        return aligned / aligned.sum(dim=-1, keepdim=True)
+
+    def current_thresholds(self) -> torch.Tensor:
+        level = self.global_level.clamp(min=0.0)
+        thr = level + (self.offset if self.use_per_bracket else torch.zeros_like(self.offset))
+        return thr.clamp(self.thresh_min, self.thresh_max)
+
+    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask, confidence, bracket) for aligned weak-view probabilities; updates thresholds."""
+        conf, centre = window_mass(probs, self.conf_radius)
+        mean_conf = conf.mean().detach().cpu()
+        if self.global_level < 0:
+            self.global_level = mean_conf.clone()
+        else:
+            self.global_level = self.thresh_momentum * self.global_level + (1 - self.thresh_momentum) * mean_conf
+        thr = self.current_thresholds().to(probs.device)
+        mask = (conf >= thr[centre]).float()
+        if self.use_per_bracket and mask.sum() > 0:
+            share = torch.bincount(centre[mask.bool()], minlength=NUM).float().cpu() / mask.sum().cpu()
+            self.accepted_share = self.thresh_momentum * self.accepted_share + (1 - self.thresh_momentum) * share
+            # over-represented brackets get stricter, under-represented ones more lenient
+            step = self.controller_rate * (self.accepted_share - self.prior)
+            self.offset = (self.offset + step).clamp(-0.5, 0.5)
+        return mask, conf, centre
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score=None):
+        num_lb = y_lb.shape[0]
+        with self.amp_cm():
+            outputs = self.model(torch.cat((x_lb, x_ulb_w, x_ulb_s)))
+            logits_lb = outputs["logits"][:num_lb]
+            logits_w, logits_s = outputs["logits"][num_lb:].chunk(2)
+
+            sup_loss = F.cross_entropy(logits_lb, y_lb)
+            score_loss = torch.zeros((), device=logits_lb.device)
+            if self.score_loss_weight > 0:
+                target = (y_score if y_score is not None else y_lb).float()
+                score_loss = (expected(logits_lb.float().softmax(-1)) - target).abs().mean() / (NUM - 1)
+
+            probs_w = self.align(logits_w.detach().float().softmax(-1))
+            mask, conf, centre = self.select(probs_w)
+            targets = soft_targets(probs_w, self.T, self.smooth_sigma if self.use_smoothing else None)
+            log_s = logits_s.float().log_softmax(-1)
+            unsup_loss = (-(targets * log_s).sum(-1) * mask).mean()
+            if self.score_loss_weight > 0:
+                unsup_score = (expected(log_s.exp()) - expected(targets)).abs() / (NUM - 1)
+                unsup_loss = unsup_loss + self.score_loss_weight * (unsup_score * mask).mean()
+
+            total = sup_loss + self.score_loss_weight * score_loss + self.lambda_u * unsup_loss
+
+        out_dict = self.process_out_dict(loss=total)
+        rates = {f"pseudo_rate_{b}": float((mask * (centre == b).float()).sum() / max(1, len(mask)))
+                 for b in range(NUM)}
+        log_dict = self.process_log_dict(sup_loss=sup_loss.item(), score_loss=score_loss.item(),
+                                         unsup_loss=unsup_loss.item(), total_loss=total.item(),
+                                         util_ratio=mask.mean().item(), mean_confidence=conf.mean().item(), **rates)
+        return out_dict, log_dict
+
+    @staticmethod
+    def get_argument():
+        return [
+            SSL_Argument("--T", float, 0.5, "sharpening temperature of the soft targets"),
+            SSL_Argument("--ordinal_smoothing", str2bool, True, "smooth targets over neighbouring brackets"),
+            SSL_Argument("--smooth_sigma", float, 0.6, "Gaussian width of that smoothing, in brackets"),
+            SSL_Argument("--ordinal_conf", str2bool, True, "confidence = mass in the best window of brackets"),
+            SSL_Argument("--conf_radius", int, 1, "window half-width: 1 = predicted bracket +-1"),
+            SSL_Argument("--per_bracket_threshold", str2bool, True, "adapt one threshold per bracket"),
+            SSL_Argument("--thresh_min", float, 0.6, "floor of every threshold"),
+            SSL_Argument("--thresh_max", float, 0.98, "ceiling of every threshold"),
+            SSL_Argument("--thresh_momentum", float, 0.99, "EMA momentum of the threshold statistics"),
+            SSL_Argument("--controller_rate", float, 0.05, "how fast per-bracket offsets follow the prior"),
+            SSL_Argument("--dist_align", str2bool, True, "align pseudo-labels to the labeled prior"),
+            SSL_Argument("--da_momentum", float, 0.999, "EMA momentum of the model's pool distribution"),
+            SSL_Argument("--score_loss_weight", float, 0.5, "weight of the expected-score L1 terms"),
+        ]
