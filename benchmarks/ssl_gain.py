@@ -43,7 +43,16 @@ ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "
 REPORTED = ["mae", "qwk", "spearman", "false_positive_rate", "top_k_precision"]
 
 
-def train(run: Path, data: Path, labeled: Path, algo: str, seed: int, sc: dict) -> dict:
+ABLATIONS = {  # ordinal with one part switched off
+    "no ordinal confidence": ["algorithm.args.ordinal_conf=false"],
+    "no ordinal smoothing": ["algorithm.args.ordinal_smoothing=false"],
+    "no per-bracket thresholds": ["algorithm.args.per_bracket_threshold=false"],
+    "no distribution alignment": ["algorithm.args.dist_align=false"],
+    "no score loss": ["algorithm.args.score_loss_weight=0"],
+}
+
+
+def train(run: Path, data: Path, labeled: Path, algo: str, seed: int, sc: dict, extra=()) -> dict:
     metrics = run / "metrics.jsonl"
     if not (run / "model" / "config.json").exists():
         cmd = [sys.executable, str(ROOT / "ssl" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
@@ -51,7 +60,7 @@ def train(run: Path, data: Path, labeled: Path, algo: str, seed: int, sc: dict) 
                f"algorithm.name={algo}", f"seed={seed}", f"model.name={sc['model']}", f"data.image_size={sc['size']}",
                f"train.steps={sc['steps']}", f"train.batch_size={sc['batch']}", f"train.uratio={sc['uratio']}",
                f"train.eval_every={sc['steps']}", f"train.save_every={sc['steps']}", f"data.num_workers={sc['workers']}",
-               "train.tracker=none", f"output_dir={run}", *sc["extra"]]
+               "train.tracker=none", f"output_dir={run}", *sc["extra"], *extra]
         if metrics.exists():
             cmd.append("resume=true")
         t = time.time()
@@ -106,6 +115,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     p.add_argument("--label-efficiency", action="store_true")
+    p.add_argument("--ablation", action="store_true", help="ordinal with each part switched off")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None)
     p.add_argument("--out", default=None, help="work folder (default benchmarks/work/ssl_gain-<scale>)")
     p.add_argument("--md", default=str(ROOT / "docs" / "results.md"))
     p.add_argument("--json", default=None)
@@ -142,6 +153,15 @@ def main(argv=None):
                 print(f"supervised x{mult} seed {seed}", flush=True)
                 m = train(run, data, d / "labeled", "supervised", seed, sc)
                 efficiency.setdefault(mult, []).append({k: m[k] for k in REPORTED})
+    ablation = {}
+    if args.ablation:
+        for label, extra in ABLATIONS.items():
+            for seed in args.ablation_seeds or args.seeds:
+                run = work / "runs" / f"ordinal-{label.replace(' ', '_')}-s{seed}"
+                print(f"ordinal, {label}, seed {seed}", flush=True)
+                m = train(run, data, data / "labeled", "ordinal", seed, sc, extra)
+                q = pseudo_labels(run, data, truth, sc["workers"])
+                ablation.setdefault(label, []).append({**{k: m[k] for k in REPORTED}, **q, "seed": seed})
     elapsed = time.time() - t0
 
     lines = [f"# SSL gain on the synthetic benchmark ({args.scale})", "",
@@ -175,11 +195,19 @@ def main(argv=None):
         lines.append(f"| {sc['labeled']} | " + " | ".join(mean_std([r[k] for r in results['supervised']]) for k in ("mae", "qwk", "false_positive_rate")) + " |")
         for mult, rs in efficiency.items():
             lines.append(f"| {sc['labeled'] * mult} | " + " | ".join(mean_std([r[k] for r in rs]) for k in ("mae", "qwk", "false_positive_rate")) + " |")
+    if ablation:
+        seeds = args.ablation_seeds or args.seeds
+        full = [r for r in results.get("ordinal", []) if r["seed"] in seeds]
+        lines += ["", f"Ablation: ordinal with one part switched off (seeds {seeds}):", "",
+                  "| variant | MAE ↓ | QWK ↑ | Spearman ↑ | false-positive rate ↓ | top-K precision ↑ | pseudo-label accuracy | pseudo-label coverage |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, rs in [("ordinal (all parts)", full), *ablation.items()]:
+            lines.append(f"| {label} | " + " | ".join(mean_std([r[k] for r in rs]) for k in REPORTED + ["pseudo_accuracy", "pseudo_coverage"]) + " |")
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     out = {"scale": args.scale, "settings": {k: v for k, v in sc.items() if k != "extra"}, "seeds": args.seeds,
-           "results": results, "label_efficiency": {str(k): v for k, v in efficiency.items()}, "seconds": elapsed}
+           "results": results, "label_efficiency": {str(k): v for k, v in efficiency.items()}, "ablation": ablation, "seconds": elapsed}
     (Path(args.json) if args.json else work / "results.json").write_text(json.dumps(out, indent=1))
 
 
