@@ -18,6 +18,5 @@ if [ ! -f "$stamp" ]; then
     target="$root"
     [ -n "$extras" ] && target="$root[$extras]"
     "$venv/bin/python" -m pip install -q -e "$target"
-    rm -f "$venv"/.installed-*
-    touch "$stamp"
+    touch "$stamp"  # one stamp per (pyproject, extras): train.sh and test.sh don't undo each other
 fi
