@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from aessl import algorithms as algos
     from aessl import checkpoints as ckpt
     from aessl.data import (DrawBatchSampler, DrawDataset, EvalDataset, StreamingPool, bracket_histogram, collate,
-                            load_pool, load_scored_set, stratified_split, worker_init)
+                            load_pool, load_scored_set, pool_length, stratified_split, worker_init)
     from aessl.metrics import NUM_BRACKETS, compute_metrics, default_top_k
     from aessl.models import WeightsUnavailable, build_model, save_model_folder
     from aessl.sources import resolve_sources
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if len(test_set) == 0:
         print("error: the test split is empty; give data.test= or a larger labeled set", file=sys.stderr)
         return 2
-    pool_size = None if pool is None else (len(pool) if hasattr(pool, "__len__") else getattr(pool.info.splits.get("train") if pool.info.splits else None, "num_examples", None))
+    pool_size = None if pool is None else pool_length(pool)  # None: a stream of unknown length
 
     # ---------------------------------------------------------------- model, EMA, optimiser, algorithm
     try:
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     except algos.AlgorithmArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uses_pool = any(k in __import__("inspect").signature(algo.train_step).parameters for k in ("x_ulb_w", "x_ulb_s"))
+    uses_pool = bool({"x_ulb_w", "x_ulb_s"} & set(algos.step_inputs(algo, {"x_ulb_w": 0, "x_ulb_s": 0})))
     if uses_pool and pool is None:
         print(f"error: algorithm {cfg.algorithm.name!r} needs an unlabeled pool: set data.unlabeled=", file=sys.stderr)
         return 2

@@ -260,6 +260,14 @@ def load_pool(source: str, streaming: bool = False, limit: int | None = None):
     return ds
 
 
+def pool_length(pool) -> int | None:
+    """Number of images in a pool; for a stream, what its metadata says (or None)."""
+    if hasattr(pool, "__len__"):
+        return len(pool)
+    split = (pool.info.splits or {}).get("train") if pool.info else None
+    return getattr(split, "num_examples", None)
+
+
 def row_source(row: dict):
     """What to hand to load_image for one table row (None when the row holds no image)."""
     if row.get("image") is not None:
