@@ -113,9 +113,35 @@ def main(argv=None) -> int:
         return 2
     pool_size = None if pool is None else pool_length(pool)  # None: a stream of unknown length
 
+    # ---------------------------------------------------------------- embedding mode: cached features
+    # The frozen backbone's features of every image (eval view, K weak, K strong) come from the
+    # cache; what is missing is computed now (ssl/embed.py does the same pass on its own).
+    embedding, feats = cfg.model.mode == "embedding", None
+    if embedding:
+        from aessl import embedding as emb
+
+        try:
+            feats = emb.prepare_features(cfg, accelerator, {"train": train_set, "test": test_set, "pool": pool},
+                                         int(dcfg.num_workers))
+        except (emb.EmbeddingError, WeightsUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        lost = feats["skipped"]["train"] + feats["skipped"]["test"]
+        if lost:  # scored images were validated as readable; losing one silently would shift the split
+            print("error: scored images missing from the embedding cache:\n" + "\n".join(f"  - {n}: {r}" for n, r in lost),
+                  file=sys.stderr)
+            return 2
+        if pool is not None:
+            pool_size = len(feats["tables"]["pool"])
+
     # ---------------------------------------------------------------- model, EMA, optimiser, algorithm
     try:
-        model, info = build_model(cfg.model, int(dcfg.image_size), float(dcfg.crop_pct))
+        if embedding:  # the trained module is the head alone; model/ gets the backbone back at the end
+            head = emb.head_spec(cfg.model, feats["stats"]["dim"])
+            model = emb.build_head(head)
+            info = {**feats["info"], "mode": "embedding", "head": head, "num_classes": NUM_BRACKETS}
+        else:
+            model, info = build_model(cfg.model, int(dcfg.image_size), float(dcfg.crop_pct))
     except WeightsUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -147,7 +173,7 @@ def main(argv=None) -> int:
     algo_state = algos.AlgorithmState(algo)
 
     # ---------------------------------------------------------------- resume
-    start_step, skipped_seen = 0, {}
+    start_step, skipped_seen = 0, dict(feats["skipped"]["pool"]) if embedding else {}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temp(run_dir)
@@ -174,6 +200,7 @@ def main(argv=None) -> int:
             "sources": src, "train_images": len(train_set), "test_images": len(test_set), "pool_images": pool_size,
             "train_histogram": lb_hist.astype(int).tolist(), "algorithm": cfg.algorithm.name,
             "resumed_from": str(resume_from) if resume_from else None,
+            "embedding": feats["stats"] if embedding else None,
         }, indent=1))
         # A resumed run forgets evaluations made after its checkpoint: they will be redone.
         mfile = run_dir / "metrics.jsonl"
@@ -198,20 +225,33 @@ def main(argv=None) -> int:
             return DataLoader(dataset, batch_size=batch_size, **kw)
         return DataLoader(dataset, batch_sampler=DrawBatchSampler(batch_size, rank, world, stream_start), **kw)
 
-    lb_iter = iter(loader(DrawDataset(train_set, "labeled", weak, seed=int(cfg.seed), stream=0), bsz, start_micro))
-    ulb_iter = None
-    if uses_pool:
-        ubsz = bsz * int(tcfg.uratio)
+    def feature_loader(dataset, batch_size, start=None):  # embedding mode: whole batches gathered in-process
+        if start is None:  # the test set, in order
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=emb.identity_collate)
+        return DataLoader(dataset, batch_sampler=DrawBatchSampler(batch_size, rank, world, start),
+                          collate_fn=emb.identity_collate)
+
+    ulb_iter, ubsz = None, bsz * int(tcfg.uratio)
+    test_rows = np.arange(rank, len(test_set), world)  # each process scores its own share
+    if embedding:
+        K, tables = int(cfg.embed.views), feats["tables"]
+        lb_iter = iter(feature_loader(emb.FeatureDraws(tables["train"], "labeled", K, scores=train_set["score"],
+                                                       seed=int(cfg.seed), stream=0), bsz, start_micro))
+        if uses_pool:
+            ulb_iter = iter(feature_loader(emb.FeatureDraws(tables["pool"], "unlabeled", K, seed=int(cfg.seed), stream=1),
+                                           ubsz, start_micro))
+        test_loader = feature_loader(emb.FeatureEval(tables["test"], test_rows), int(cfg.eval.batch_size))
+    else:
+        lb_iter = iter(loader(DrawDataset(train_set, "labeled", weak, seed=int(cfg.seed), stream=0), bsz, start_micro))
+        test_loader = DataLoader(EvalDataset(test_set.select(test_rows), eval_transform(info), int(dcfg.image_size)),
+                                 batch_size=int(cfg.eval.batch_size), num_workers=min(workers, 2))
+    if uses_pool and not embedding:
         if hasattr(pool, "__len__"):
             ulb_iter = iter(loader(DrawDataset(pool, "unlabeled", weak, strong, seed=int(cfg.seed), stream=1), ubsz, start_micro))
         else:
             stream = StreamingPool(pool, weak, strong, int(cfg.seed), rank, world, pool_size or 1_000_000,
                                    skip=start_micro * ubsz)
             ulb_iter = iter(loader(stream, ubsz))
-    eval_tf = eval_transform(info)
-    test_rows = np.arange(rank, len(test_set), world)  # each process scores its own share
-    test_loader = DataLoader(EvalDataset(test_set.select(test_rows), eval_tf, int(dcfg.image_size)),
-                             batch_size=int(cfg.eval.batch_size), num_workers=min(workers, 2))
     test_scores = np.asarray(test_set["score"], dtype=np.float64)
 
     def note_skipped(items):
@@ -250,6 +290,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=steps, initial=start_step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
     window: dict[str, list] = {}
     last_metrics, t0 = None, time.time()
+    eval_seconds = save_seconds = 0.0  # kept apart from the loop's own time (timing.json, benchmarks)
     kill_at_step = int(os.environ.get("AESSL_KILL_AT_STEP", "0"))
     for step in range(start_step, steps):
         for _ in range(int(tcfg.grad_accum)):
@@ -286,6 +327,7 @@ def main(argv=None) -> int:
             figures = {k: float(np.mean(v)) for k, v in window.items()}
             figures["lr"] = float(scheduler.get_last_lr()[0])
             window = {}
+            t_eval = time.time()
             last_metrics = evaluate(done, figures)
             if accelerator.is_main_process:
                 with open(run_dir / "metrics.jsonl", "a") as f:
@@ -295,7 +337,9 @@ def main(argv=None) -> int:
                 if accelerator.log_with:
                     accelerator.log({f"eval/{k}": v for k, v in last_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=done)
             model.train()
+            eval_seconds += time.time() - t_eval
         if done % int(tcfg.save_every) == 0 or done == steps:
+            t_save = time.time()
             tmp = ckpt.temp_dir_for(run_dir, done)
             accelerator.save_state(str(tmp))
             if accelerator.is_main_process:
@@ -304,16 +348,21 @@ def main(argv=None) -> int:
                                    "num_processes": world})
                 ckpt.publish(run_dir, done, int(tcfg.keep_checkpoints))
             accelerator.wait_for_everyone()
+            save_seconds += time.time() - t_save
         if done == kill_at_step:  # fault injection for the resume tests: die like a SIGKILL would
             os._exit(137)
     bar.close()
+    loop_seconds = time.time() - t0 - eval_seconds - save_seconds
 
     # ---------------------------------------------------------------- final model
     if accelerator.is_main_process:
         extra = {"algorithm": cfg.algorithm.name, "thresholds": algos.thresholds_for_export(algo),
                  "confidence_radius": int(getattr(algo, "conf_radius", 0)),
                  "trained_steps": steps, "seed": int(cfg.seed)}
-        save_model_folder(ema.module, info, run_dir / "model", extra)
+        final = emb.EmbeddingScoreModel(feats["backbone"], ema.module) if embedding else ema.module
+        save_model_folder(final, info, run_dir / "model", extra)
+        (run_dir / "timing.json").write_text(json.dumps({"steps": steps - start_step, "loop_seconds": round(loop_seconds, 3),
+                                                         "eval_seconds": round(eval_seconds, 3)}))
         if last_metrics is None:
             last_metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         keys = ("mae", "qwk", "spearman", "accuracy", "accuracy_within_1", "false_positive_rate", "top_k_precision", "skipped_images")

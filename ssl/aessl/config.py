@@ -48,6 +48,20 @@ DEFAULTS = {
         "pretrained": False,  # false, true (timm/Hub weights), or a path to a local .safetensors/.pth
         "drop_rate": 0.0,
         "kwargs": {},  # extra timm.create_model keyword arguments
+        # image: train the whole network on images. embedding: freeze the backbone, cache its
+        # features once (embed.*) and train only a head on them (fast iteration).
+        "mode": "image",
+        "head": "residual_mlp",  # embedding mode: linear | mlp | residual_mlp (the model card's)
+        "head_hidden": 1024,
+        "head_dropout": 0.1,
+    },
+    "embed": {  # embedding mode's feature cache (ssl/embed.py fills it; train.py fills what is missing)
+        "views": 2,  # K weak and K strong augmented views cached per image, besides the eval view
+        "seed": 0,  # seeds the views and a random-init backbone; not the run's seed, so runs share a cache
+        "batch_size": 64,  # images per forward pass (each brings 1 + 2K views)
+        "shard_size": 2048,  # images per cache shard: the unit a killed pass loses
+        "dtype": "float16",  # float16 | float32: how features are stored
+        "cache_dir": ".cache/embed",
     },
     "algorithm": {
         "name": "fixmatch",  # supervised | fixmatch | flexmatch | freematch | softmatch | ... | ordinal
@@ -127,7 +141,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise ConfigError(f"unknown config key {key!r} (from override {text!r})") from exc
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad value for {key!r}: {exc}") from exc
+    check_choices(cfg)
     return cfg
+
+
+CHOICES = {
+    "model.mode": ("image", "embedding"),
+    "model.head": ("linear", "mlp", "residual_mlp"),
+    "embed.dtype": ("float16", "float32"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def check_choices(cfg) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key in ("embed.views", "embed.batch_size", "embed.shard_size", "model.head_hidden"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a whole number >= 1")
 
 
 def _is_open(cfg, parent: str) -> bool:

@@ -125,7 +125,9 @@ def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: 
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    # Image mode: the timm backbone's own state dict. Embedding mode: backbone.* and head.*.
+    raw = model.export_state_dict() if hasattr(model, "export_state_dict") else model.backbone.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in raw.items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **info, **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -158,10 +160,18 @@ def load_model_folder(path: str | Path, device="cpu") -> tuple[ScoreModel, dict]
     info = json.loads((folder / "config.json").read_text())
     if info.get("format") != MODEL_FORMAT:
         raise ValueError(f"{folder / 'config.json'}: not an {MODEL_FORMAT} config (format={info.get('format')!r})")
+    state = load_file(str(folder / "model.safetensors"), device="cpu")
+    if info.get("mode", "image") == "embedding":
+        from .embedding import EmbeddingScoreModel, build_head
+
+        backbone = timm.create_model(info["architecture"], pretrained=False, num_classes=0, **info.get("model_kwargs", {}))
+        head = build_head(info["head"])
+        backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        return EmbeddingScoreModel(backbone, head).to(device).eval(), info
     backbone = timm.create_model(
         info["architecture"], pretrained=False, num_classes=info["num_classes"], **info.get("model_kwargs", {})
     )
-    state = load_file(str(folder / "model.safetensors"), device="cpu")
     backbone.load_state_dict(state)
     model = ScoreModel(backbone).to(device).eval()
     return model, info

@@ -1,0 +1,70 @@
+"""Fill the embedding cache: a frozen backbone's features of the scored set, the test set and the pool.
+
+    accelerate launch ssl/embed.py --config configs/embed_demo.yaml [key=value ...]
+
+Takes the same config and overrides as train.py (model.*, data.*, augment.*, embed.*) and
+computes, for every image not yet cached, the eval view plus embed.views weak and strong
+views. Train with the same config and model.mode=embedding afterwards; train.py runs this
+same pass itself, so running embed.py first is only needed to fill the cache on other
+machines or ahead of time. A killed pass loses at most one shard per process: run it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (default: configs/embed_demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=vit_base_patch16_clip_224 embed.views=4")
+    args = p.parse_args(argv)
+
+    from aessl.config import ConfigError, load_config
+
+    here = Path(__file__).resolve().parent
+    try:
+        cfg = load_config(args.config or here.parent / "configs" / "embed_demo.yaml", args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from accelerate import Accelerator
+
+    from aessl.data import DataSourceError, LabeledSetError, load_pool, load_scored_set
+    from aessl.embedding import EmbeddingError, prepare_features
+    from aessl.models import WeightsUnavailable
+    from aessl.sources import resolve_sources
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    dcfg = cfg.data
+    try:
+        src = resolve_sources(dcfg, accelerator.is_main_process, accelerator.wait_for_everyone)
+        tables = {"scored": load_scored_set(src["labeled"])}
+        if src["test"]:
+            tables["test"] = load_scored_set(src["test"])
+        if src["unlabeled"]:
+            tables["pool"] = load_pool(src["unlabeled"], streaming=bool(dcfg.streaming), limit=dcfg.max_unlabeled)
+        feats = prepare_features(cfg, accelerator, tables, int(dcfg.num_workers))
+    except (LabeledSetError, DataSourceError, EmbeddingError, WeightsUnavailable) as exc:
+        if accelerator.is_main_process:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if accelerator.is_main_process:
+        counts = {name: {"images": len(t), "skipped": len(feats["skipped"][name])} for name, t in feats["tables"].items()}
+        print(json.dumps({"cache": str(feats["root"]), "backbone": cfg.model.name, "dim": feats["stats"]["dim"],
+                          "views": 1 + 2 * int(cfg.embed.views), "computed": feats["stats"]["computed"],
+                          "already_cached": feats["stats"]["cached_before"], "seconds": feats["stats"]["seconds"],
+                          "sets": counts}, indent=1))
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
