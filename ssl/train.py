@@ -178,7 +178,6 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temp(run_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
         tensors, progress = ckpt.read_extras(resume_from, ["ema", "algorithm"])
         ema.load_state_dict(tensors["ema"])
         algo_state.load_state_dict(tensors["algorithm"])
@@ -286,6 +285,11 @@ def main(argv=None) -> int:
         log.info("run folder %s | %d train / %d test scored images, pool %s | %d process(es) on %s | %s on %s",
                  run_dir, len(train_set), len(test_set), pool_size, world, accelerator.device,
                  cfg.algorithm.name, cfg.model.name)
+    if resume_from is not None:
+        # Last, after the loaders exist: it restores the random generators too, and building
+        # the loaders draws from them (a worker base seed), which an uninterrupted run did before
+        # its checkpoint was taken. Dropout and random algorithms then continue identically.
+        accelerator.load_state(str(resume_from))
     model.train()
     bar = tqdm(total=steps, initial=start_step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
     window: dict[str, list] = {}

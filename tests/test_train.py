@@ -47,7 +47,8 @@ REQUIRED_KEYS = {"step", "mae", "qwk", "spearman", "accuracy", "accuracy_within_
 
 def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
     common = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6",
-              "train.eval_every=3", "train.save_every=3", "algorithm.name=flexmatch", "data.num_workers=2"]
+              "train.eval_every=3", "train.save_every=3", "algorithm.name=flexmatch", "data.num_workers=2",
+              "model.drop_rate=0.3"]  # dropout: the random generators must resume too
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_script("train.py", *common, f"output_dir={whole}")
     killed = run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "5"}, check=False)

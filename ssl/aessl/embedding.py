@@ -507,7 +507,20 @@ def prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
     """Make sure every image of `tables` ({name: datasets table}) is in the cache, then open it.
 
     Returns {'backbone', 'info', 'root', 'tables': {name: FeatureTable}, 'skipped':
-    {name: [(image name, reason)]}, 'stats'}."""
+    {name: [(image name, reason)]}, 'stats'}. Leaves every random generator as it found it:
+    a run that fills the cache and one that finds it full must train identically."""
+    import random
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return _prepare_features(cfg, accelerator, tables, workers)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
     t0 = time.time()
     backbone, info = build_frozen_backbone(cfg.model, cfg.embed, int(cfg.data.image_size), float(cfg.data.crop_pct))
     root, spec = cache_root_for(cfg, backbone, info)

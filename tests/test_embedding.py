@@ -1,0 +1,225 @@
+"""Embedding mode: the feature cache (hits, invalidation, a killed pass), heads on cached
+features through train.py, and the resulting model/ folder scoring images in export and report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, make_pool, run_script
+from test_report import report_main
+from test_train import read_metrics, train_in_process
+
+from aessl import embedding as emb
+from aessl.config import load_config
+
+EMB = ["model.mode=embedding", "model.head=mlp", "model.head_hidden=32", "embed.shard_size=16", "embed.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def data(toy_data, tmp_path_factory):
+    """The toy sets plus a pool with unreadable files in it."""
+    root = tmp_path_factory.mktemp("embpool")
+    pool = make_pool(root / "pool", n=30, seed=7)
+    (pool / "zero.png").write_bytes(b"")
+    (pool / "text.jpg").write_text("not an image")
+    return {**toy_data, "unlabeled": pool, "root": root}
+
+
+def data_args(d):
+    return [f"data.labeled={d['labeled']}", f"data.test={d['test']}", f"data.unlabeled={d['unlabeled']}"]
+
+
+def config(d, cache: Path, *more):
+    return load_config(ROOT / "configs" / "demo.yaml", [*TINY, *EMB, *data_args(d), f"embed.cache_dir={cache}", *more])
+
+
+def fill(cfg, d):
+    """prepare_features on the scored set, test set and pool, in this process."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from aessl.data import load_pool, load_scored_set
+
+    try:
+        acc = Accelerator(cpu=True)
+        tables = {"scored": load_scored_set(d["labeled"]), "test": load_scored_set(d["test"]),
+                  "pool": load_pool(str(d["unlabeled"]))}
+        return emb.prepare_features(cfg, acc, tables, workers=0)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def all_features(root: Path) -> dict[str, np.ndarray]:
+    cache = emb.FeatureCache(root)
+    return {h: np.asarray(cache.feats[k][r], dtype=np.float32) for h, (k, r) in cache.lookup.items()}
+
+
+N_READABLE = 11 * 8 + 11 * 3 + 30  # scored + test + readable pool images
+
+
+def test_second_pass_is_all_hits_and_reads_the_same_features(data, tmp_path):
+    cache = tmp_path / "cache"
+    first = fill(config(data, cache), data)
+    assert first["stats"]["computed"] == N_READABLE and first["stats"]["cached_before"] == 0
+    assert first["stats"]["unreadable"] == 2
+    assert {n for n, _ in first["skipped"]["pool"]} == {str(data["unlabeled"] / "zero.png"), str(data["unlabeled"] / "text.jpg")}
+    assert [len(first["tables"][k]) for k in ("scored", "test", "pool")] == [88, 33, 30]
+    shards = sorted(p.name for p in first["root"].glob("shard-*"))
+    before = all_features(first["root"])
+    v = next(iter(before.values()))
+    assert v.shape == (1 + 2 * 2, first["stats"]["dim"])  # eval + 2 weak + 2 strong views
+    assert not np.allclose(v[1], v[3])  # weak and strong views differ
+
+    # A run with different training settings (seed, algorithm, head) shares the cache whole.
+    second = fill(config(data, cache, "seed=5", "algorithm.name=supervised", "model.head=linear"), data)
+    assert second["root"] == first["root"]
+    assert second["stats"]["computed"] == 0 and second["stats"]["cached_before"] == N_READABLE + 2
+    assert sorted(p.name for p in first["root"].glob("shard-*")) == shards
+    assert second["skipped"]["pool"] == first["skipped"]["pool"]  # unreadable files are remembered, not retried
+    # ...and reads back the very same numbers for the same rows
+    t1, t2 = first["tables"]["pool"], second["tables"]["pool"]
+    assert np.array_equal(t1.gather(np.arange(len(t1)), 0), t2.gather(np.arange(len(t2)), 0))
+
+    # Images are keyed by content: a copy under a new name is a hit, a changed file a miss.
+    extra = tmp_path / "pool2"
+    shutil.copytree(data["unlabeled"], extra)
+    Path(extra / "zero.png").unlink()
+    Path(extra / "text.jpg").unlink()
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (200, 10, 10)).save(extra / "new.png")
+    third = fill(config(data, cache), {**data, "unlabeled": extra})
+    assert third["stats"]["computed"] == 1 and third["root"] == first["root"]
+
+
+@pytest.mark.parametrize("change", [
+    "model.name=test_efficientnet",  # another backbone
+    "embed.seed=1",  # the same architecture with other (random) weights
+    "data.image_size=40",  # the eval and training transforms
+    "augment.strong_m=9",  # the strong view
+    "embed.views=1",  # how many views are cached
+])
+def test_backbone_or_transform_change_computes_a_new_cache(data, tmp_path, change):
+    cache = tmp_path / "cache"
+    a = fill(config(data, cache), data)
+    b = fill(config(data, cache, change), data)
+    assert b["root"] != a["root"] and b["stats"]["computed"] == N_READABLE
+    spec = json.loads((b["root"] / "spec.json").read_text())
+    assert spec["backbone_sha256"] != json.loads((a["root"] / "spec.json").read_text())["backbone_sha256"] \
+        or spec["views"] != json.loads((a["root"] / "spec.json").read_text())["views"]
+
+
+def test_killed_embedding_pass_resumes_to_the_same_cache(data, tmp_path):
+    args = ["--config", ROOT / "configs" / "demo.yaml", *TINY, *EMB, *data_args(data), "data.num_workers=2"]
+    killed = run_script("embed.py", *args, f"embed.cache_dir={tmp_path / 'a'}", env={"AESSL_KILL_AFTER_SHARDS": "3"},
+                        check=False)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    root = next((tmp_path / "a").glob("*/spec.json")).parent
+    assert len(emb.FeatureCache.shard_dirs(root)) == 3
+    # a shard that was being written when the process died is a temp folder, never a shard
+    assert len(emb.FeatureCache(root).lookup) + len(emb.FeatureCache(root).skipped) == 3 * 16
+    resumed = run_script("embed.py", *args, f"embed.cache_dir={tmp_path / 'a'}")
+    out = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    assert out["already_cached"] == 3 * 16 and out["computed"] + out["already_cached"] == N_READABLE + 2 - 2
+    assert not list(root.glob(".tmp-*"))
+
+    whole = fill(config(data, tmp_path / "b", "data.num_workers=2"), data)
+    got, ref = all_features(root), all_features(whole["root"])
+    assert got.keys() == ref.keys() and len(ref) == N_READABLE
+    # float16 storage; one batch's composition may differ between the two passes
+    assert max(float(np.abs(got[h] - ref[h]).max()) for h in ref) < 1e-2
+
+
+def test_embedding_model_trains_then_scores_images_in_export_and_report(data, tmp_path):
+    run = tmp_path / "run"
+    common = [*EMB, *data_args(data), f"embed.cache_dir={tmp_path / 'cache'}", "model.head=residual_mlp",
+              "model.head_hidden=64", "train.steps=30", "train.eval_every=15", "train.lr=0.003"]
+    assert train_in_process(*common, "algorithm.name=fixmatch", f"output_dir={run}") == 0
+    m = read_metrics(run)
+    assert [x["step"] for x in m] == [15, 30]
+    assert m[-1]["skipped_images"] == 2  # the pool's unreadable files, counted as in image mode
+    assert m[-1]["qwk"] > 0.5  # the toy brackets are easy; a head that learns nothing scores ~0
+    info = json.loads((run / "model" / "config.json").read_text())
+    assert info["mode"] == "embedding" and info["head"]["name"] == "residual_mlp"
+    assert info["architecture"] == "test_resnet" and info["image_size"] == 32
+    run_info = json.loads((run / "run.json").read_text())
+    assert run_info["embedding"]["computed"] == N_READABLE
+
+    # export scores images end to end (backbone + head from model/): it must agree with the
+    # head applied to the cached eval features of the same images
+    from aessl import export as ex
+    from aessl.models import load_model_folder
+
+    out = tmp_path / "export"
+    assert ex.main(["--model", str(run), "--images", str(data["unlabeled"]), "--out", str(out), "--workers", "0"]) == 0
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(out / "part-*.parquet"), split="train").sort("path")
+    assert len(rows) == 30
+    model, _ = load_model_folder(run)
+    cfg = config(data, tmp_path / "cache", "model.head=residual_mlp", "model.head_hidden=64")
+    feats = fill(cfg, data)
+    assert feats["stats"]["computed"] == 0
+    pool_t = feats["tables"]["pool"]
+    from aessl.data import load_pool
+
+    names = [load_pool(str(data["unlabeled"]))["path"][i] for i in pool_t.rows]
+    with torch.no_grad():
+        cached = torch.softmax(model.head(torch.from_numpy(pool_t.gather(np.arange(len(pool_t)), 0)))["logits"], -1).numpy()
+    order = np.argsort(names)
+    exported = np.stack([rows[f"prob_{b}"] for b in range(11)], axis=1)
+    assert sorted(names) == rows["path"]
+    assert np.abs(exported - cached[order]).max() < 2e-2
+
+    # report on the scored test images reproduces the training evaluation on cached features
+    rep = tmp_path / "report"
+    assert report_main()([str(run), "--data", str(data["test"]), "--out", str(rep), "--workers", "0"]) == 0
+    got = json.loads((rep / "metrics.json").read_text())["runs"]["run"]["metrics"]
+    assert got["mae"] == pytest.approx(m[-1]["mae"], abs=0.02)
+    assert got["accuracy"] == pytest.approx(m[-1]["accuracy"], abs=0.05)
+
+
+def test_killed_embedding_run_resumes_like_an_uninterrupted_one(data, tmp_path):
+    common = ["--config", ROOT / "configs" / "demo.yaml", *TINY, *EMB, *data_args(data),
+              f"embed.cache_dir={tmp_path / 'cache'}", "train.steps=8", "train.eval_every=4", "train.save_every=4",
+              "algorithm.name=freematch"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_script("train.py", *common, f"output_dir={whole}")
+    assert run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "6"},
+                      check=False).returncode == 137
+    run_script("train.py", *common, f"output_dir={broken}", "resume=true")
+    assert read_metrics(whole) == read_metrics(broken)
+
+
+@pytest.mark.parametrize("head", sorted(emb.HEADS))
+def test_every_head_answers_like_a_score_model(head):
+    torch.manual_seed(0)
+    h = emb.build_head({"name": head, "in_features": 20, "hidden": 16, "dropout": 0.1})
+    out = h(torch.randn(5, 20))
+    assert out["logits"].shape == (5, 11) and out["feat"].shape == (5, h.num_features)
+    assert torch.equal(h(out["feat"], only_fc=True), out["logits"])
+    # it can fit: 40 Adam steps on a separable toy problem
+    x = torch.randn(200, 20)
+    y = (x[:, 0] > 0).long() * 5
+    opt = torch.optim.Adam(h.parameters(), 1e-2)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(h(x)["logits"], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    h.eval()
+    assert (h(x)["logits"].argmax(1) == y).float().mean() > 0.9
+
+
+def test_embedding_mode_errors_are_clear(data, tmp_path):
+    proc = run_script("train.py", *TINY, *EMB, "model.head=transformer", check=False)
+    assert proc.returncode == 2 and "model.head" in proc.stderr and "Traceback" not in proc.stderr
+    assert train_in_process(*EMB, *data_args(data), "data.streaming=true", f"embed.cache_dir={tmp_path / 'c'}",
+                            f"output_dir={tmp_path / 'r'}") == 2
