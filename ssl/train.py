@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     algo_state = algos.AlgorithmState(algo)
 
     # ---------------------------------------------------------------- resume
-    start_step, skipped_seen = 0, dict(feats["skipped"]["pool"]) if embedding else {}
+    start_step, skipped_seen = 0, dict(feats["skipped"].get("pool", [])) if embedding else {}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_temp(run_dir)

@@ -76,6 +76,8 @@ def test_second_pass_is_all_hits_and_reads_the_same_features(data, tmp_path):
     v = next(iter(before.values()))
     assert v.shape == (1 + 2 * 2, first["stats"]["dim"])  # eval + 2 weak + 2 strong views
     assert not np.allclose(v[1], v[3])  # weak and strong views differ
+    manifest = json.loads((first["root"] / "manifest.json").read_text())
+    assert manifest["images"] == N_READABLE and manifest["unreadable"] == 2 and manifest["views"]["views"] == 2
 
     # A run with different training settings (seed, algorithm, head) shares the cache whole.
     second = fill(config(data, cache, "seed=5", "algorithm.name=supervised", "model.head=linear"), data)
@@ -111,9 +113,9 @@ def test_backbone_or_transform_change_computes_a_new_cache(data, tmp_path, chang
     a = fill(config(data, cache), data)
     b = fill(config(data, cache, change), data)
     assert b["root"] != a["root"] and b["stats"]["computed"] == N_READABLE
-    spec = json.loads((b["root"] / "spec.json").read_text())
-    assert spec["backbone_sha256"] != json.loads((a["root"] / "spec.json").read_text())["backbone_sha256"] \
-        or spec["views"] != json.loads((a["root"] / "spec.json").read_text())["views"]
+    spec = json.loads((b["root"] / "manifest.json").read_text())
+    assert spec["backbone_sha256"] != json.loads((a["root"] / "manifest.json").read_text())["backbone_sha256"] \
+        or spec["views"] != json.loads((a["root"] / "manifest.json").read_text())["views"]
 
 
 def test_killed_embedding_pass_resumes_to_the_same_cache(data, tmp_path):
@@ -121,7 +123,7 @@ def test_killed_embedding_pass_resumes_to_the_same_cache(data, tmp_path):
     killed = run_script("embed.py", *args, f"embed.cache_dir={tmp_path / 'a'}", env={"AESSL_KILL_AFTER_SHARDS": "3"},
                         check=False)
     assert killed.returncode == 137, killed.stderr[-2000:]
-    root = next((tmp_path / "a").glob("*/spec.json")).parent
+    root = next(p for p in (tmp_path / "a").iterdir() if p.is_dir())
     assert len(emb.FeatureCache.shard_dirs(root)) == 3
     # a shard that was being written when the process died is a temp folder, never a shard
     assert len(emb.FeatureCache(root).lookup) + len(emb.FeatureCache(root).skipped) == 3 * 16
@@ -216,6 +218,14 @@ def test_every_head_answers_like_a_score_model(head):
         opt.step()
     h.eval()
     assert (h(x)["logits"].argmax(1) == y).float().mean() > 0.9
+
+
+def test_supervised_head_needs_no_pool(data, tmp_path):
+    run = tmp_path / "run"
+    assert train_in_process(*EMB, *data_args(data), "algorithm.name=supervised", "model.head=linear", "train.steps=20",
+                            "train.eval_every=20", f"embed.cache_dir={tmp_path / 'c'}", f"output_dir={run}") == 0
+    assert json.loads((run / "run.json").read_text())["embedding"]["computed"] == 88 + 33  # the pool is not embedded
+    assert read_metrics(run)[-1]["qwk"] > 0.5
 
 
 def test_embedding_mode_errors_are_clear(data, tmp_path):

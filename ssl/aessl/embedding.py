@@ -7,7 +7,7 @@ image: the cache holds, per image, the eval view plus K weak and K strong augmen
 
 Cache layout, one folder per (backbone weights, views) spec:
 
-    <cache_dir>/<key>/spec.json                what the key stands for (readable)
+    <cache_dir>/<key>/manifest.json            what the key stands for, and what the cache holds
     <cache_dir>/<key>/shard-<id>/keys.npy      content hashes of the shard's images   [N]
     <cache_dir>/<key>/shard-<id>/feats.npy     features [N, 1 + 2K, D]: eval, K weak, K strong
     <cache_dir>/<key>/shard-<id>/skipped.json  {hash: reason} for images that could not be read
@@ -543,8 +543,6 @@ def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(root)
-        if not (root / "spec.json").is_file():
-            (root / "spec.json").write_text(json.dumps(spec, indent=1))
     accelerator.wait_for_everyone()
     cache = FeatureCache(root)
     todo = {}
@@ -566,6 +564,12 @@ def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
         cache.refresh()
     elif accelerator.is_main_process:
         log.info("embedding cache %s holds all %d images: nothing to compute", root, n_cached)
+    if accelerator.is_main_process:
+        manifest = {**spec, "shards": len(cache.feats), "images": len(cache.lookup), "unreadable": len(cache.skipped),
+                    "dim": cache.dim, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = root / f".manifest-{os.getpid()}.json"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(root / "manifest.json")
     backbone.cpu()
     out_tables, skipped = {}, {}
     for name in hashed:
