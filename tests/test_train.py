@@ -239,6 +239,14 @@ def test_local_pretrained_weights_load(tmp_path):
     got = model.backbone.state_dict()
     key = next(k for k in got if k.endswith("conv1.weight") or "conv" in k)
     assert torch.equal(got[key], src.state_dict()[key])
+    # timm loads non-strictly when the class count differs: a file for another architecture
+    # must still be an error, not a silent random init (embedding mode freezes that backbone)
+    from aessl.models import WeightsUnavailable, create_backbone
+
+    with pytest.raises(WeightsUnavailable, match="none of the weights|does not fit"):  # embedding mode's featureless backbone
+        create_backbone("test_convnext3", str(tmp_path / "w.safetensors"), num_classes=0)
+    with pytest.raises(WeightsUnavailable, match="does not fit"):
+        build_model({"name": "test_convnext3", "pretrained": str(tmp_path / "w.safetensors")}, 32)
     assert model(torch.zeros(2, 3, 32, 32))["logits"].shape == (2, 11)
 
 

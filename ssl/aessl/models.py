@@ -66,14 +66,18 @@ def create_backbone(name: str, pretrained=False, num_classes: int = NUM_BRACKETS
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise WeightsUnavailable(f"model.pretrained: weights file not found: {path}")
+        before = torch.get_rng_state()
         try:
             # timm loads the file (safetensors, or torch.load with weights_only) and adapts
             # the classifier to `num_classes` as it does for Hub weights.
-            return timm.create_model(
+            model = timm.create_model(
                 name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(path)}, **kwargs
             )
-        except RuntimeError as exc:
-            raise WeightsUnavailable(f"model.pretrained: {path} does not fit {name!r}: {exc}") from exc
+        except (RuntimeError, KeyError) as exc:  # KeyError: timm drops a classifier the file does not have
+            raise WeightsUnavailable(f"model.pretrained: {path} does not fit {name!r}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        _check_loaded(model, name, path, num_classes, kwargs, before)
+        return model
     want = str(pretrained).lower() == "true" if isinstance(pretrained, str) else bool(pretrained)
     if name.startswith("hf-hub:") or want:
         try:
@@ -88,6 +92,36 @@ def create_backbone(name: str, pretrained=False, num_classes: int = NUM_BRACKETS
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:
         raise WeightsUnavailable(f"unknown timm model {name!r}: {exc}") from exc
+
+
+def _check_loaded(model: nn.Module, name: str, path: Path, num_classes: int, kwargs: dict, rng_before) -> None:
+    """timm loads a file non-strictly whenever the class count differs, so a file made for
+    another architecture "loads" without loading anything. Compare with the same random init:
+    every parameter still at its initial value means the file did not fit."""
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng_before)
+    fresh = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    torch.set_rng_state(after)  # the caller's random stream goes on as if checked nothing
+    classifier = {n for n, _ in model.named_parameters() if model.get_classifier() is not None
+                  and any(n.endswith(f"{c}") for c in _classifier_names(model))}
+    init = dict(fresh.named_parameters())
+    untouched = [n for n, p in model.named_parameters()
+                 if n not in classifier and n in init and torch.equal(p.detach(), init[n].detach())]
+    total = sum(1 for n, _ in model.named_parameters() if n not in classifier)
+    if total and len(untouched) == total:
+        raise WeightsUnavailable(f"model.pretrained: none of the weights in {path} fit {name!r} (its parameter "
+                                 "names do not match); is the file made for another architecture?")
+    if untouched:
+        import logging
+
+        logging.getLogger(__name__).warning("model.pretrained: %d of %d parameters of %s are not in %s and stay at "
+                                            "random init (first: %s)", len(untouched), total, name, path, untouched[:3])
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    names = model.pretrained_cfg.get("classifier", "") if hasattr(model, "pretrained_cfg") else ""
+    names = [names] if isinstance(names, str) else list(names)
+    return [f"{n}.weight" for n in names if n] + [f"{n}.bias" for n in names if n]
 
 
 def data_config(backbone: nn.Module, image_size: int, crop_pct: float = 1.0) -> dict:
