@@ -211,7 +211,6 @@ def main(argv=None) -> int:
                                   config={k: v for k, v in _flat(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))})
 
     # ---------------------------------------------------------------- loaders
-    weak, strong = train_transforms(info, cfg.augment)
     bsz, workers = int(tcfg.batch_size), int(dcfg.num_workers)
     start_micro = start_step * int(tcfg.grad_accum)
 
@@ -241,16 +240,16 @@ def main(argv=None) -> int:
                                            ubsz, start_micro))
         test_loader = feature_loader(emb.FeatureEval(tables["test"], test_rows), int(cfg.eval.batch_size))
     else:
+        weak, strong = train_transforms(info, cfg.augment)
         lb_iter = iter(loader(DrawDataset(train_set, "labeled", weak, seed=int(cfg.seed), stream=0), bsz, start_micro))
-        test_loader = DataLoader(EvalDataset(test_set.select(test_rows), eval_transform(info), int(dcfg.image_size)),
-                                 batch_size=int(cfg.eval.batch_size), num_workers=min(workers, 2))
-    if uses_pool and not embedding:
-        if hasattr(pool, "__len__"):
+        if uses_pool and hasattr(pool, "__len__"):
             ulb_iter = iter(loader(DrawDataset(pool, "unlabeled", weak, strong, seed=int(cfg.seed), stream=1), ubsz, start_micro))
-        else:
+        elif uses_pool:
             stream = StreamingPool(pool, weak, strong, int(cfg.seed), rank, world, pool_size or 1_000_000,
                                    skip=start_micro * ubsz)
             ulb_iter = iter(loader(stream, ubsz))
+        test_loader = DataLoader(EvalDataset(test_set.select(test_rows), eval_transform(info), int(dcfg.image_size)),
+                                 batch_size=int(cfg.eval.batch_size), num_workers=min(workers, 2))
     test_scores = np.asarray(test_set["score"], dtype=np.float64)
 
     def note_skipped(items):

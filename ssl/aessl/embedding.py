@@ -412,15 +412,13 @@ def fill_cache(root: Path, todo: list[tuple[str, object]], backbone: nn.Module, 
             ok = batch["ok"].numpy()
             x = batch["x"]
             B, V = x.shape[:2]
-            feats = np.zeros((B, V, 0), dtype=np.float32)
+            f = None
             if ok.any():
                 with accelerator.autocast():
                     f = backbone(x[ok].flatten(0, 1).to(accelerator.device, non_blocking=True))
-                f = f.float().reshape(int(ok.sum()), V, -1).cpu().numpy()
-                feats = np.zeros((B, V, f.shape[-1]), dtype=np.float32)
-                feats[ok] = f
+                f = iter(f.float().reshape(int(ok.sum()), V, -1).cpu().numpy())
             for j, i in enumerate(batch["i"].tolist()):
-                got[i] = (bool(ok[j]), feats[j] if ok[j] else None, batch["reason"][j])
+                got[i] = (bool(ok[j]), next(f) if ok[j] else None, batch["reason"][j])
             bar.update(B * world)
             s, e = bounds[chunk_i]
             if len(got) == e - s:  # the chunk is whole: write it as one shard
@@ -528,18 +526,14 @@ def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
 
     hasher = ContentHasher(root.parent)
     hashed, sources = {}, {}
-    rank, world = accelerator.process_index, accelerator.num_processes
     for name, table in tables.items():
         if table is None:
             continue
         if not hasattr(table, "__len__"):
             raise EmbeddingError("embedding mode needs an unlabeled pool of known length; set data.streaming=false "
                                  "(a saved dataset or a folder; use data.max_unlabeled= to take part of a huge pool)")
-        src = table_sources(table)
-        # Each process hashes its own share (reads are the cost); the main process stores the memo.
-        mine = hasher.hash_sources(src[rank::world], desc=f"hash {name}", show=accelerator.is_main_process) \
-            if world == 1 else _hash_share(hasher, src, rank, world, accelerator)
-        hashed[name], sources[name] = mine, src
+        sources[name] = table_sources(table)
+        hashed[name] = _hash_share(hasher, sources[name], accelerator, desc=f"hash {name}")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(root)
@@ -588,12 +582,15 @@ def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
             "stats": stats, "spec": spec}
 
 
-def _hash_share(hasher, sources, rank, world, accelerator):
+def _hash_share(hasher, sources, accelerator, desc: str):
+    """Every process hashes its own share (reads are the cost) and all get the whole list."""
     from accelerate.utils import gather_object
 
-    part = hasher.hash_sources(sources[rank::world], show=False)
-    parts = gather_object([(rank, part)])
-    by_rank = dict(parts)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    part = hasher.hash_sources(sources[rank::world], desc=desc, show=accelerator.is_main_process)
+    if world == 1:
+        return part
+    by_rank = dict(gather_object([(rank, part)]))
     out = [None] * len(sources)
     for r in range(world):
         out[r::world] = by_rank[r]

@@ -102,8 +102,7 @@ def _check_loaded(model: nn.Module, name: str, path: Path, num_classes: int, kwa
     torch.set_rng_state(rng_before)
     fresh = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     torch.set_rng_state(after)  # the caller's random stream goes on as if checked nothing
-    classifier = {n for n, _ in model.named_parameters() if model.get_classifier() is not None
-                  and any(n.endswith(f"{c}") for c in _classifier_names(model))}
+    classifier = set(_classifier_names(model))  # re-initialised by timm whatever the file holds
     init = dict(fresh.named_parameters())
     untouched = [n for n, p in model.named_parameters()
                  if n not in classifier and n in init and torch.equal(p.detach(), init[n].detach())]
