@@ -111,3 +111,54 @@ def test_views_are_deterministic_per_draw(odd_images):
     a = strong(img)
     seed_everything_for(1, 2, 3)
     assert torch.equal(a, strong(img))
+
+
+def test_16_bit_images_scale_by_their_depth_not_their_values(tmp_path):
+    """A dark 16-bit PNG (every value <= 255) is dark, not taken for 8-bit and 257x too bright."""
+    for name, value, lo, hi in (("dark", 200, 0, 5), ("mid", 32768, 120, 135), ("bright", 65000, 250, 256)):
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(tmp_path / f"{name}.png")
+        assert Image.open(tmp_path / f"{name}.png").mode.startswith("I")  # what Pillow gives a 16-bit PNG
+        mean = np.asarray(load_image(tmp_path / f"{name}.png")).mean()
+        assert lo <= mean < hi, (name, mean)
+    # a 16-bit PNG's transparent grey value (tRNS) is composited on white like any other alpha
+    arr = np.full((4, 4), 100, dtype=np.uint16)
+    arr[0, 0] = 7
+    Image.fromarray(arr).save(tmp_path / "key.png", transparency=7)
+    img = np.asarray(load_image(tmp_path / "key.png"))
+    assert img[0, 0].tolist() == [255, 255, 255] and img[1, 1].max() < 5
+
+
+def test_transparent_colour_key_becomes_white(tmp_path):
+    for mode, key in (("L", 0), ("RGB", (0, 0, 0))):
+        img = Image.new(mode, (4, 4), key)
+        img.putpixel((1, 1), 200 if mode == "L" else (200, 10, 10))
+        img.save(tmp_path / f"{mode}.png", transparency=key)
+        out = load_image(tmp_path / f"{mode}.png")
+        assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1))[0] == 200
+
+
+def test_corrupt_exif_keeps_the_image_and_its_orientation(tmp_path):
+    """An EXIF block with a string where a number belongs made ImageOps.exif_transpose raise
+    TypeError (it rewrites the block); the pixels are fine and the orientation still applies."""
+    import struct
+
+    entries = struct.pack("<HHI4s", 0x0112, 3, 1, struct.pack("<HH", 6, 0))  # orientation 6
+    entries += struct.pack("<HHI4s", 0x011A, 2, 4, b"abc\0")  # XResolution as text
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + struct.pack("<I", 0)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "odd.jpg", exif=exif)
+    img = load_image(tmp_path / "odd.jpg")
+    assert img.size == (20, 30) and img.getpixel((5, 5))[0] > 150
+
+
+def test_any_decoder_failure_is_an_unreadable_image(tmp_path, monkeypatch):
+    """Pillow's plugins raise more than OSError/ValueError on crafted files; a pool must not crash."""
+    import aessl.images as images
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+
+    def broken(img):
+        raise IndexError("tile index out of range")
+
+    monkeypatch.setattr(images, "_to_rgb", broken)
+    with pytest.raises(UnreadableImage, match="IndexError: tile index"):
+        load_image(tmp_path / "x.png")

@@ -96,19 +96,24 @@ def test_two_cpu_processes_really_are_two(toy_data, tmp_path):
     run = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run_script("train.py", "--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=4",
-               "train.eval_every=2", "train.save_every=2", f"output_dir={run}", launcher=launcher,
-               env={"ACCELERATE_USE_CPU": "1"})
+    args = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6", "train.eval_every=2",
+            "train.save_every=2", f"output_dir={run}", "algorithm.name=flexmatch"]
+    killed = run_script("train.py", *args, launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "AESSL_KILL_AT_STEP": "4"},
+                        check=False)
+    assert killed.returncode != 0 and not (run / "model").exists()
     assert json.loads((run / "run.json").read_text())["num_processes"] == 2
     m = read_metrics(run)
     assert [x["num_processes"] for x in m] == [2, 2]
     assert m[-1]["num_images"] == 33  # the gathered evaluation covers the whole test set once
-    # and resumes on two processes
-    shutil.rmtree(run / "model")
-    run_script("train.py", "--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6",
-               "train.eval_every=2", "train.save_every=2", f"output_dir={run}", "resume=true", launcher=launcher,
-               env={"ACCELERATE_USE_CPU": "1"})
+    # every process keeps its own algorithm state (FlexMatch remembers the images it saw)
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert {p.name for p in last.glob("algorithm_rank*.safetensors")} == {"algorithm_rank0.safetensors",
+                                                                           "algorithm_rank1.safetensors"}
+    # and resumes on two processes, but not on one
+    run_script("train.py", *args, "resume=true", launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
     assert [x["step"] for x in read_metrics(run)] == [2, 4, 6]
+    proc = run_script("train.py", *args, "resume=true", check=False)
+    assert proc.returncode == 2 and "same number of processes" in proc.stderr
 
 
 def test_draws_shard_without_duplicates():

@@ -46,8 +46,26 @@ def final_dir_for(run_dir: Path, step: int) -> Path:
 def write_extras(folder: Path, tensors: dict[str, dict], progress: dict) -> None:
     """tensors: {file stem: {name: tensor}}; progress: JSON, written last."""
     for stem, state in tensors.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{stem}.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / f"{stem}.safetensors"))
     (folder / "progress.json").write_text(json.dumps(progress, indent=1))
+
+
+def rank_file(stem: str, rank: int) -> str:
+    return f"{stem}_rank{rank}.safetensors"
+
+
+def write_rank_state(folder: Path, stem: str, rank: int, state: dict) -> None:
+    """State that may differ between processes (an algorithm's per-image memory of the
+    images this process saw, e.g. FlexMatch's selected labels): one file per process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / rank_file(stem, rank)))
+
+
+def read_rank_state(folder: Path, stem: str, rank: int) -> dict:
+    path = folder / rank_file(stem, rank)
+    if not path.is_file() and (folder / f"{stem}.safetensors").is_file():  # checkpoints before per-rank files
+        path = folder / f"{stem}.safetensors"
+    return load_file(str(path))
 
 
 def read_extras(folder: Path, stems: list[str]) -> tuple[dict, dict]:

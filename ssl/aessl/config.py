@@ -23,11 +23,21 @@ DEFAULTS = {
         "unlabeled": None,  # folder, manifest, saved dataset, or hub:<name>; null = none / demo pool
         "test": None,  # scored test set; null = carve `test_fraction` out of the labeled set
         "test_fraction": 0.1,
+        # Seeds the held-out split alone: the split is a property of the data, so runs with
+        # different `seed` are scored on the same test images.
+        "split_seed": 0,
+        # Overlap between the test set and the training data or the pool is detected at start
+        # (by path and content) and recorded in run.json; a test set inside the training set
+        # is refused unless this is true.
+        "allow_test_overlap": False,
         "streaming": False,  # stream the unlabeled pool (huge pools, Hub datasets)
         "image_size": 64,
         "crop_pct": 1.0,  # eval view keeps the whole image: composition is part of aesthetics
         "num_workers": 2,
         "max_unlabeled": None,  # use at most this many pool images (quick experiments)
+        # Slots for per-image algorithm state (FlexMatch) when a streamed pool has no known
+        # length: images are placed by a hash of their name.
+        "stream_index_size": 1048576,
         "synthetic": {  # the built-in demo data, generated once into cache_dir
             "labeled": 3080,
             "unlabeled": 20000,
@@ -154,15 +164,107 @@ CHOICES = {
 }
 
 
+# Allowed ranges of numeric keys: (low, high, low inclusive, high inclusive); None = open.
+RANGES = {
+    "data.test_fraction": (0.0, 1.0, False, False),
+    "data.image_size": (8, None, True, True),
+    "data.crop_pct": (0.0, 1.0, False, True),
+    "data.num_workers": (0, None, True, True),
+    "data.max_unlabeled": (1, None, True, True),
+    "data.stream_index_size": (1, None, True, True),
+    "augment.weak_scale_min": (0.0, 1.0, False, True),
+    "augment.strong_n": (0, None, True, True),
+    "augment.strong_m": (0, 10, True, True),
+    "model.drop_rate": (0.0, 1.0, True, False),
+    "model.head_dropout": (0.0, 1.0, True, False),
+    "model.head_hidden": (1, None, True, True),
+    "embed.views": (1, None, True, True),
+    "embed.batch_size": (1, None, True, True),
+    "embed.shard_size": (1, None, True, True),
+    "algorithm.lambda_u": (0.0, None, True, True),
+    "train.steps": (1, None, True, True),
+    "train.batch_size": (1, None, True, True),
+    "train.uratio": (1, None, True, True),
+    "train.lr": (0.0, None, False, True),
+    "train.weight_decay": (0.0, None, True, True),
+    "train.momentum": (0.0, 1.0, True, False),
+    "train.warmup_steps": (0, None, True, True),
+    "train.grad_accum": (1, None, True, True),
+    "train.clip_grad": (0.0, None, True, True),
+    "train.ema_decay": (0.0, 1.0, True, False),
+    "train.eval_every": (1, None, True, True),
+    "train.save_every": (1, None, True, True),
+    "train.keep_checkpoints": (1, None, True, True),
+    "train.log_every": (1, None, True, True),
+    "eval.batch_size": (1, None, True, True),
+    "eval.top_k_fraction": (0.0, 1.0, False, True),
+}
+
+
 def check_choices(cfg) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    for key in ("embed.views", "embed.batch_size", "embed.shard_size", "model.head_hidden"):
+    check_types(cfg)
+    for key, (low, high, low_in, high_in) in RANGES.items():
         value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value!r} must be a whole number >= 1")
+        if value is None:
+            continue
+        too_low = low is not None and (value < low if low_in else value <= low)
+        too_high = high is not None and (value > high if high_in else value >= high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>=' if low_in else '>'} {low}"
+            hi = "" if high is None else f"{'<=' if high_in else '<'} {high}"
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {' and '.join(x for x in (lo, hi) if x)}")
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            if f"{prefix}{k}" not in ("algorithm.args", "model.kwargs"):
+                yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _as_number(key: str, value, kind: type):
+    """`value` as `kind` (int or float), or ConfigError. YAML reads `1e3` and `2e-3` as
+    strings (YAML 1.1 wants a dot), so numeric strings are accepted; an int key takes a
+    float only when it is whole (`train.steps=1e3` is 1000, `2.5` is an error)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a number, not true/false")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} must be a number") from None
+    if not isinstance(number, (int, float)) or number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    if kind is int:
+        if float(number) != int(number):
+            raise ConfigError(f"{key}={value!r} must be a whole number")
+        return int(number)
+    return float(number)
+
+
+def check_types(cfg) -> None:
+    """Every key whose default is a number or a bool holds one of that type (coerced where
+    that is unambiguous), so `int(...)`/`float(...)` later can neither fail nor mislead."""
+    for key, default in _leaves(DEFAULTS):
+        value = OmegaConf.select(cfg, key)
+        if key == "model.pretrained":  # false, true or a weights file
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r} must be true or false")
+        elif isinstance(default, (int, float)):
+            coerced = _as_number(key, value, type(default))
+            if coerced != value or type(coerced) is not type(value):
+                OmegaConf.update(cfg, key, coerced)
+        elif key == "data.max_unlabeled" and value is not None:
+            OmegaConf.update(cfg, key, _as_number(key, value, int))
 
 
 def _is_open(cfg, parent: str) -> bool:

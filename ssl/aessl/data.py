@@ -22,15 +22,22 @@ uninterrupted run would, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import math
 import os
 import random
 import re
-from collections import Counter
+import zlib
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
@@ -61,77 +68,268 @@ class DataSourceError(ValueError):
 # --------------------------------------------------------------------------- scored sets
 
 
-def _walk_files(root: Path):
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+def _dir_key(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _in_plain_tree(real: str, real_root: str) -> bool:
+    """Whether walking `real_root` without links (and without hidden names) reaches `real`."""
+    prefix = real_root.rstrip(os.sep) + os.sep
+    if real != real_root and not real.startswith(prefix):
+        return False
+    return not any(part.startswith(".") for part in real[len(prefix):].split(os.sep))
+
+
+def _list_folder(folder: Path, onerror) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        if onerror is not None:
+            onerror(folder, exc)
+        return []
+
+
+def _walk_files(root: Path, onerror=None):
+    """Every file below `root` once, in a fixed order (names sorted, a folder's files before
+    its subfolders'); dot-entries below `root` are skipped, whatever the root's own path holds.
+
+    Symlinks are followed (a bracket folder may live elsewhere), but each real folder is
+    entered once and each real file yielded once: a link back to an ancestor used to walk
+    forever or count the same images dozens of times, duplicates landing in train and test.
+    A link into the root's own tree is not followed (the walk meets the target under its own
+    name), so only files reached through links outside it are remembered: the memory of a
+    walk over millions of plain files stays small. Broken links are yielded, for the reader
+    to report as missing. `onerror(folder, exc)` hears of folders that cannot be listed."""
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    entered = {_dir_key(root)}
+    linked_files: set[tuple[str, str]] = set()  # (real path, suffix it was reached under)
+    stack = [(root, None)]  # (folder, its real path if reached through a link, else None)
+    while stack:
+        folder, real_folder = stack.pop()
+        subfolders = []
+        for entry in _list_folder(folder, onerror):
+            if entry.name.startswith("."):
+                continue  # hidden below the root: .git, .cache, editors' temp files
+            linked = real_folder is not None or entry.is_symlink()
+            if _is_dir(entry):
+                real = os.path.realpath(entry.path) if linked else None
+                if real is not None and _in_plain_tree(real, real_root):
+                    continue
+                key = _dir_key(entry.path)
+                if key not in entered:
+                    entered.add(key)
+                    subfolders.append((Path(entry.path), real))
+                continue
+            if linked and os.path.exists(entry.path):
+                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
+                # the same file under a name with another suffix is another thing to the
+                # reader (x.png -> store/ab12 is an image, store/ab12 is not): keep both
+                suffix = os.path.splitext(entry.name)[1].lower()
+                if _in_plain_tree(real, real_root) and suffix == os.path.splitext(real)[1].lower():
+                    continue
+                if (real, suffix) in linked_files:
+                    continue
+                linked_files.add((real, suffix))
+            yield Path(entry.path)
+        stack.extend(reversed(subfolders))
+
+
+def _bracket_folder_problem(entry: Path) -> str | None:
+    m = BRACKET_DIR.match(entry.name)
+    if not m:
+        return f"{entry}: folder name must start with the integer bracket 0-10 (e.g. '03', '7', '10_extra')"
+    if not 0 <= int(m.group(1)) < NUM_BRACKETS:
+        return f"{entry}: bracket {int(m.group(1))} is out of range 0-10"
+    return None
 
 
 def scan_labeled_folder(root: str | Path) -> tuple[list[dict], list[str]]:
-    """Records {path, score} from `root/<score>[_anything]/...`, and the problems found."""
+    """Records {path, score} from `root/<score>[_anything]/...`, and the problems found.
+
+    Each real image counts once: the same file linked into one bracket twice is one record,
+    linked into two brackets a problem (which score is right is the user's call)."""
     root = Path(root)
     records, problems = [], []
-    for entry in sorted(root.iterdir()):
+    first_seen: dict[str, tuple[str, int]] = {}  # real path -> (path, bracket)
+
+    def unlisted(folder, exc):
+        problems.append(f"{folder}: cannot list folder ({exc.strerror or exc})")
+
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        unlisted(root, exc)
+        return records, problems
+    for entry in entries:
         if entry.name.startswith(".") or entry.name.lower() in ("readme.md", "readme.txt"):
             continue
         if not entry.is_dir():
-            if is_image_file(entry):
+            if entry.is_symlink() and not entry.exists():
+                problems.append(f"{entry}: broken link (points to {os.readlink(entry)})")
+            elif is_image_file(entry):
                 problems.append(f"{entry}: image outside a bracket folder (put it in {root}/<score>/)")
             continue
-        m = BRACKET_DIR.match(entry.name)
-        if not m:
-            problems.append(
-                f"{entry}: folder name must start with the integer bracket 0-10 (e.g. '03', '7', '10_extra')"
-            )
+        why = _bracket_folder_problem(entry)
+        if why:
+            problems.append(why)
             continue
-        score = int(m.group(1))
-        if not 0 <= score < NUM_BRACKETS:
-            problems.append(f"{entry}: bracket {score} is out of range 0-10")
-            continue
-        for f in _walk_files(entry):
-            if is_image_file(f):
-                records.append({"path": str(f), "score": float(score)})
+        bracket = int(BRACKET_DIR.match(entry.name).group(1))
+        for f in _walk_files(entry, onerror=unlisted):
+            if not is_image_file(f):
+                continue
+            real = os.path.realpath(f)
+            if real in first_seen:
+                other, other_bracket = first_seen[real]
+                if other_bracket != bracket:
+                    problems.append(f"{f}: same file as {other} (bracket {other_bracket} there, {bracket} here): "
+                                    "score each image once")
+                continue
+            first_seen[real] = (str(f), bracket)
+            records.append({"path": str(f), "score": float(bracket)})
     return records, problems
 
 
-def read_manifest(path: str | Path, need_score: bool) -> tuple[list[dict], list[str]]:
-    """Records from a csv/jsonl/parquet manifest; paths are relative to the manifest."""
+def _manifest_has_no_rows(path: Path, kind: str) -> bool:
+    """A header-only or empty manifest; `datasets` fails on those with 'Instruction "train"
+    corresponds to no data' or a bare StopIteration, which say nothing to a user."""
+    if kind == "parquet":
+        try:
+            return pq.read_metadata(path).num_rows == 0
+        except Exception:  # not a parquet file: let the loader say why
+            return False
+    with open(path, "rb") as f:
+        if kind == "csv":
+            non_blank = 0
+            for line in f:
+                non_blank += bool(line.strip())
+                if non_blank == 2:  # a header and one row: enough
+                    return False
+            return True
+        head = f.read(1 << 16)
+    return not head.strip() or (len(head) < 1 << 16 and re.fullmatch(rb"\s*\[\s*\]\s*", head) is not None)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The loader's message plus its innermost cause: `datasets` wraps a JSON parse error
+    ('... in row 3') in a bare 'An error occurred while generating the dataset'."""
+    root = exc
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    text = str(exc) or type(exc).__name__
+    return text if root is exc else f"{text} ({type(root).__name__}: {root})"
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N is not a JSON object (...)' for the first such line of a JSONL file: the
+    loader's own message gives a character position at best."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {n} is not JSON ({exc})"
+            if not isinstance(value, dict):
+                return f"line {n} is not a JSON object: {line.strip()[:80]}"
+    return None
+
+
+def _load_manifest(path: Path, need: tuple[str, ...], streaming: bool = False):
+    """A manifest as a `datasets` table (Arrow-backed, or a stream), with the columns checked."""
     import datasets
 
-    path = Path(path)
     kind = MANIFEST_SUFFIXES[path.suffix.lower()]
+    if _manifest_has_no_rows(path, kind):
+        raise DataSourceError(f"{path}: the manifest has no rows (only a header, or nothing); "
+                              f"it needs one row per image with column(s) {', '.join(need)}")
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        table = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming)
+        # a streamed csv knows its columns only once read: peek at the first row
+        cols = table.column_names or list(next(iter(table)).keys())
     except Exception as exc:
-        raise DataSourceError(f"{path}: cannot read manifest: {exc}") from exc
-    cols = set(table.column_names)
-    need = {"path", "score"} if need_score else {"path"}
-    if not need <= cols:
-        raise DataSourceError(f"{path}: manifest needs column(s) {sorted(need - cols)}; it has {sorted(cols)}")
+        where = _first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None
+        raise DataSourceError(f"{path}: cannot read manifest: {where or _root_cause(exc)}") from exc
+    if not set(need) <= set(cols):
+        raise DataSourceError(f"{path}: manifest needs column(s) {sorted(set(need) - set(cols))}; it has {sorted(cols)}")
+    if not streaming and len(table) == 0:
+        raise DataSourceError(f"{path}: the manifest has no rows")
+    return table
+
+
+def _path_problem(p) -> str | None:
+    if p is None or p == "" or (isinstance(p, float) and math.isnan(p)):
+        return "empty path"
+    if not isinstance(p, str):
+        return f"path {p!r} is not a string (a file name, relative to the manifest or absolute)"
+    return None
+
+
+def _score_value(s) -> tuple[float | None, str | None]:
+    """(score, None) or (None, why not). Booleans are refused: JSON `true` is not a score."""
+    if isinstance(s, str):
+        text = s.strip()
+        if not text:
+            return None, "no score (empty)"
+        try:
+            s = float(text)
+        except ValueError:
+            return None, f"score {s!r} is not a number"
+    elif isinstance(s, bool) or (s is not None and not isinstance(s, (int, float))):
+        return None, f"score {s!r} is not a number"
+    if s is None or math.isnan(s):
+        return None, "no score (empty or NaN)"
+    if not 0.0 <= s <= NUM_BRACKETS - 1:
+        return None, f"score {s} is out of range 0-10"
+    return float(s), None
+
+
+def _rater_name(r) -> str | None:
+    if r is None or (isinstance(r, float) and math.isnan(r)):
+        return None  # a csv cell left empty
+    if isinstance(r, float) and r.is_integer():
+        return str(int(r))  # pandas reads a column of rater ids with a gap as floats: 3.0 is rater 3
+    return str(r)
+
+
+def read_manifest(path: str | Path, need_score: bool) -> tuple[list[dict], list[str]]:
+    """Records from a csv/jsonl/parquet scored-set manifest (a few thousand rows, read as
+    Python rows), paths relative to the manifest, and every bad row as a problem naming it.
+
+    Raises DataSourceError when the manifest itself cannot be read or has no rows."""
+    path = Path(path)
+    table = _load_manifest(path, ("path", "score") if need_score else ("path",))
+    has_rater = "rater" in table.column_names
     base = path.parent
     records, problems = [], []
     for i, row in enumerate(table):
         p = row["path"]
-        if not p:
-            problems.append(f"{path}: row {i + 1}: empty path")
+        why = _path_problem(p)
+        if why:
+            problems.append(f"{path}: row {i + 1}: {why}")
             continue
-        full = Path(p) if os.path.isabs(p) else base / p
-        rec = {"path": str(full)}
+        rec = {"path": str(Path(p) if os.path.isabs(p) else base / p)}
         if need_score:
-            s = row["score"]
-            try:
-                s = float(s)
-            except (TypeError, ValueError):
-                problems.append(f"{path}: row {i + 1} ({p}): score {s!r} is not a number")
+            rec["score"], why = _score_value(row["score"])
+            if why:
+                problems.append(f"{path}: row {i + 1} ({p}): {why}")
                 continue
-            if not (0.0 <= s <= NUM_BRACKETS - 1) or s != s:
-                problems.append(f"{path}: row {i + 1} ({p}): score {s} is out of range 0-10")
-                continue
-            rec["score"] = s
-        if "rater" in cols and row["rater"] is not None:
-            rec["rater"] = str(row["rater"])
+        rater = _rater_name(row["rater"]) if has_rater else None
+        if rater is not None:
+            rec["rater"] = rater
         records.append(rec)
     return records, problems
 
@@ -185,18 +383,30 @@ def load_scored_set(source: str | Path, check_images: bool = True):
 
 
 def stratified_split(brackets, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of test rows: `fraction` of every bracket (rounded), at least one image
-    left for training in every bracket, fixed by `seed`."""
+    """Boolean mask of test rows: `fraction` of every bracket (rounded), fixed by `seed`.
+
+    Every bracket with two or more images holds out at least one (a tiny set still gets a
+    test image of each bracket it has) and keeps at least one for training."""
     brackets = np.asarray(brackets)
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(brackets), dtype=bool)
     for b in np.unique(brackets):
         idx = np.flatnonzero(brackets == b)
-        n_test = int(np.floor(len(idx) * fraction + 0.5))
-        n_test = min(n_test, len(idx) - 1)
-        if n_test > 0:
-            is_test[rng.choice(idx, size=n_test, replace=False)] = True
+        if len(idx) < 2:
+            continue
+        n_test = min(max(1, int(np.floor(len(idx) * fraction + 0.5))), len(idx) - 1)
+        is_test[rng.choice(idx, size=n_test, replace=False)] = True
     return is_test
+
+
+def split_by_image(paths, scores, fraction: float, seed: int) -> np.ndarray:
+    """Test mask over manifest rows, made per *image*: rows that name the same file (several
+    raters scoring one image) all land on the same side, stratified by the image's mean
+    score. A per-row split would put most multi-rated images in both train and test."""
+    keys = [os.path.realpath(p) for p in paths]
+    uniq, inverse = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    mean = np.bincount(inverse, weights=np.asarray(scores, dtype=np.float64)) / np.bincount(inverse)
+    return stratified_split(bracket_of(mean), fraction, seed)[inverse]
 
 
 def bracket_histogram(brackets) -> list[int]:
@@ -209,6 +419,91 @@ def bracket_histogram(brackets) -> list[int]:
 
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists())
+
+
+def _is_text(arrow_type) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _pool_path_problems(table, shown: int = 20) -> list[str]:
+    """Rows of a pool manifest with no usable path, found without a Python list of rows:
+    a string column is checked chunk by chunk in Arrow; anything else (numbers, mixed JSON
+    values) is wrong somewhere, so its rows are read to name the bad ones."""
+    problems, bad = [], 0
+    if not _is_text(table.data.column("path").type):
+        for i, p in enumerate(table["path"]):
+            why = _path_problem(p)
+            if why:
+                bad += 1
+                if len(problems) < shown:
+                    problems.append(f"row {i + 1}: {why}")
+    else:
+        offset = 0
+        for chunk in table.data.column("path").chunks:
+            empty = pc.or_kleene(pc.is_null(chunk), pc.equal(chunk, "")).to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(empty)[: max(0, shown - len(problems))]:
+                problems.append(f"row {offset + i + 1}: empty path")
+            bad += int(empty.sum())
+            offset += len(chunk)
+    if bad > len(problems):
+        problems.append(f"... {bad - len(problems)} more")
+    return problems
+
+
+def _absolute_paths(batch: pa.Table, base: str) -> pa.Table:
+    """One Arrow batch of manifest paths made absolute (relative ones join the manifest's
+    folder) and tidied as pathlib writes them ('a/./b', 'a//b' -> 'a/b'), all in Arrow.
+    POSIX paths: an absolute path starts with '/'. A streamed batch is not checked first:
+    what is not a non-empty string becomes null, an unreadable row the loop skips."""
+    col = batch.column("path")
+    if _is_text(col.type):
+        col = col.cast(pa.string())  # one type for every batch (csv gives large_string)
+    else:
+        values = (_json_text(v) if isinstance(col.type, pa.ExtensionType) else v for v in col.to_pylist())
+        col = pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+    col = pc.if_else(pc.equal(col, ""), pa.scalar(None, col.type), col)
+    joined = pc.if_else(pc.starts_with(col, "/"), col, pc.binary_join_element_wise(base, col, "/"))
+    tidy = pc.replace_substring_regex(joined, r"/(?:\.?/)+", "/")
+    tidy = pc.replace_substring_regex(tidy, r"(.)/\.?$", r"\1")
+    return pa.table({"path": tidy})
+
+
+def _json_text(value):
+    """A value of a `datasets` Json column (JSON text: mixed types in one JSONL column)."""
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        return None
+
+
+def _pool_from_manifest(path: Path, streaming: bool):
+    """A pool manifest's `path` column as absolute paths, built by `datasets` in Arrow
+    batches, never as Python rows: 10M rows as Python dicts cost ~6 GB per process. With
+    `streaming` the manifest is read lazily as the loop consumes it."""
+    table = _load_manifest(path, ("path",), streaming).select_columns(["path"])
+    if streaming:
+        # nothing is read ahead; the first row at least shows a manifest of wrong kind at once
+        why = _path_problem(next(iter(table), {}).get("path"))
+        if why:
+            raise DataSourceError(f"{path}: row 1: {why}")
+    else:
+        problems = _pool_path_problems(table)
+        if problems:
+            raise DataSourceError(f"{path}: rows without a usable path: " + "; ".join(problems))
+    absolute = functools.partial(_absolute_paths, base=str(path.parent.absolute()))
+    return table.with_format("arrow").map(absolute, batched=True, batch_size=10_000).with_format(None)
+
+
+def _pool_from_folder(path: Path):
+    import datasets
+
+    def unlisted(folder, exc):
+        log.warning("unlabeled pool: cannot list %s (%s); its images are left out", folder, exc.strerror or exc)
+
+    paths = [str(f) for f in _walk_files(path, onerror=unlisted) if is_image_file(f)]
+    if not paths:
+        raise DataSourceError(f"{path}: no images found in the unlabeled pool")
+    return datasets.Dataset.from_dict({"path": paths})
 
 
 def load_pool(source: str, streaming: bool = False, limit: int | None = None):
@@ -233,19 +528,11 @@ def load_pool(source: str, streaming: bool = False, limit: int | None = None):
             if streaming:
                 ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000 or 1)))
         elif path.is_dir():
-            paths = [str(f) for f in _walk_files(path) if is_image_file(f)]
-            if not paths:
-                raise DataSourceError(f"{path}: no images found in the unlabeled pool")
-            ds = datasets.Dataset.from_dict({"path": paths})
+            ds = _pool_from_folder(path)
             if streaming:
                 ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000 or 1)))
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
-            records, problems = read_manifest(path, need_score=False)
-            if problems:
-                raise DataSourceError(f"{path}: " + "; ".join(problems[:20]))
-            ds = datasets.Dataset.from_dict({"path": [r["path"] for r in records]})
-            if streaming:
-                ds = ds.to_iterable_dataset()
+            ds = _pool_from_manifest(path, streaming)
         else:
             raise DataSourceError(f"{path}: unlabeled pool must be a folder, a manifest, a saved dataset or hub:<name>")
     cols = set(ds.column_names or [])
@@ -331,7 +618,7 @@ class DrawDataset(Dataset):
             except UnreadableImage as exc:
                 skipped.append((row_name(row), exc.reason))
         else:
-            raise RuntimeError(f"{self.MAX_RETRIES} unreadable images in a row in the {self.kind} set; last: {skipped[-1]}")
+            raise DataSourceError(unreadable_run_message(self.kind, len(skipped), self.n, skipped))
         seed_everything_for(self.seed, self.stream, draw)
         if self.kind == "labeled":
             score = float(self.scores[idx])
@@ -345,50 +632,93 @@ class DrawDataset(Dataset):
         return {"idx_ulb": idx, "x_ulb_w": self.weak(img), "x_ulb_s": self.strong(img), "skipped": skipped}
 
 
+def unreadable_run_message(kind: str, tried: int, total: int | None, skipped: list) -> str:
+    examples = "; ".join(f"{n}: {r}" for n, r in skipped[:3])
+    if total is not None and tried >= total:
+        return f"every image in the {kind} set is unreadable ({total} of {total}), e.g. {examples}"
+    return f"{tried} unreadable images in a row in the {kind} set (is it the right folder?), e.g. {examples}"
+
+
+def stable_index(row: dict, size: int) -> int:
+    """A slot in [0, size) for one streamed image, from its name (or its bytes): the same image
+    gets the same slot in every epoch and process, so per-image algorithm state (FlexMatch's
+    selected labels) stays attached to the image on a stream of unknown length."""
+    src = row_source(row)
+    if isinstance(src, dict):
+        src = src.get("path") or src.get("bytes") or b""
+    data = src if isinstance(src, (bytes, bytearray)) else str(src).encode("utf-8", "surrogateescape")
+    return zlib.crc32(data) % max(1, int(size))
+
+
 class StreamingPool(IterableDataset):
     """An unlabeled pool streamed from an iterable `datasets` source (no length needed).
 
-    Each process reads its own shard (`split_dataset_by_node`); each epoch reshuffles with
-    a buffer. `idx_ulb` is the position in this process's stream modulo `index_size`
-    (algorithms such as FlexMatch keep one slot per pool image)."""
+    The stream is cut into world x workers parts, one per (process, DataLoader worker), with
+    `split_dataset_by_node` (whole shards where they divide evenly, else every n-th row), and
+    each part is read with `.iter()`, which leaves the worker split to us (iterating the
+    stream itself inside a worker would split it by worker a second time). Every epoch
+    reshuffles the shard order and a buffer with the same seed everywhere, so the parts of
+    one epoch together are one pass over the pool.
 
-    def __init__(self, table, weak, strong, seed: int, rank: int, world: int, index_size: int, skip: int = 0):
+    The DataLoader takes batch k from worker k % W. A run resumed after S batches starts at
+    worker 0 again, so loader worker i plays part (i + S) % W, and each part skips the rows
+    (read, not decoded) of the len(range(part, S, W)) batches it made before: the resumed
+    run draws exactly the batches the uninterrupted one would. `idx_ulb` is `stable_index`."""
+
+    def __init__(self, table, weak, strong, seed: int, rank: int, world: int, index_size: int,
+                 batch_size: int, start_batch: int = 0):
+        self.table = table
+        self.weak, self.strong = weak, strong
+        self.seed, self.rank, self.world, self.index_size = int(seed), int(rank), int(world), max(1, int(index_size))
+        self.batch_size, self.start_batch = int(batch_size), int(start_batch)
+
+    def _part(self):
         from datasets.distributed import split_dataset_by_node
 
-        self.table = split_dataset_by_node(table, rank=rank, world_size=world)
-        self.weak, self.strong = weak, strong
-        self.seed, self.rank, self.index_size = seed, rank, max(1, int(index_size))
-        self.skip = int(skip)
+        info = torch.utils.data.get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        part = (wid + self.start_batch) % workers
+        table = split_dataset_by_node(self.table, rank=self.rank * workers + part, world_size=self.world * workers)
+        return table, part, len(range(part, self.start_batch, workers)) * self.batch_size
+
+    def _rows(self, table, epoch: int):
+        stream = table.shuffle(seed=self.seed + epoch, buffer_size=1000)
+        stream.set_epoch(epoch)
+        for batch in stream.iter(batch_size=64):
+            keys = list(batch)
+            for i in range(len(batch[keys[0]]) if keys else 0):
+                yield {k: batch[k][i] for k in keys}
 
     def __iter__(self):
-        epoch, count = 0, 0
-        info = torch.utils.data.get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        table, part, skip = self._part()
+        epoch, count, unreadable = 0, 0, deque(maxlen=3)  # count: rows this part has read, skipped ones included
         while True:
-            stream = self.table.shuffle(seed=self.seed + epoch, buffer_size=1000)
-            stream.set_epoch(epoch)
-            produced = False
-            for i, row in enumerate(stream):
-                if i % nworkers != wid:
-                    continue
-                produced = True
+            rows = tried = readable = 0
+            for row in self._rows(table, epoch):
+                rows += 1
                 count += 1
-                if count <= self.skip:
+                if count <= skip:
                     continue
+                tried += 1
                 try:
                     img = load_image(row_source(row))
                 except UnreadableImage as exc:
-                    yield {"skip_only": True, "skipped": [(row_name(row), exc.reason)]}
+                    unreadable.append((row_name(row), exc.reason))
+                    yield {"skip_only": True, "skipped": [unreadable[-1]]}
                     continue
-                seed_everything_for(self.seed, 1, self.rank, wid, count)
+                readable += 1
+                seed_everything_for(self.seed, 1, self.rank, part, count)
                 yield {
-                    "idx_ulb": (count - 1) % self.index_size,
+                    "idx_ulb": stable_index(row, self.index_size),
                     "x_ulb_w": self.weak(img),
                     "x_ulb_s": self.strong(img),
                     "skipped": [],
                 }
-            if not produced:
-                raise DataSourceError("the streamed unlabeled pool is empty")
+            if rows == 0:
+                raise DataSourceError("the streamed unlabeled pool is empty (or has fewer rows than processes x "
+                                      "data.num_workers)")
+            if readable == 0 and tried == rows:
+                raise DataSourceError(unreadable_run_message("streamed unlabeled", rows, rows, list(unreadable)))
             epoch += 1
 
 

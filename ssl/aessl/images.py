@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
 
@@ -38,32 +40,78 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+# EXIF orientation -> the transpose that shows the image upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. Not `ImageOps.exif_transpose`: it also rewrites the EXIF
+    block, and a corrupt block (a string where a number belongs) makes that raise TypeError
+    or struct.error on pixels that decode fine. A block we cannot parse is ignored."""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # Pillow's EXIF parser raises many types on crawled files
+        return img
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
+
+
+def _bit_depth(img: Image.Image, arr: np.ndarray) -> int:
+    """Bits per sample of a greyscale integer image, from what the file says it is.
+
+    `I;16*` is 16-bit by its mode. Mode `I` is what Pillow gives 16-bit PPM/PGM and older
+    Pillow 16-bit PNG; TIFF records its own depth. The pixel values cannot decide: a dark
+    16-bit image (every value <= 255) would be taken for an 8-bit one, 257x too bright."""
+    if img.mode.startswith("I;16"):
+        return 16
+    tiff_bits = getattr(img, "tag_v2", {}).get(258) if img.format == "TIFF" else None
+    if tiff_bits:
+        return int(tiff_bits[0] if isinstance(tiff_bits, tuple) else tiff_bits)
+    # PNG, PPM and in-memory images: 16 bits unless the values cannot fit in 16
+    return 16 if arr.max(initial=0) <= 65535 else 32
+
+
+def _grey_to_rgb(img: Image.Image) -> Image.Image:
+    """16/32-bit greyscale scaled to 8 bits by its bit depth (not clipped to white)."""
+    arr = np.asarray(img).astype(np.float64)
+    peak = float(2 ** _bit_depth(img, arr) - 1)
+    grey = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    key = img.info.get("transparency")  # a 16-bit PNG's tRNS: one grey value is transparent
+    if isinstance(key, int):
+        alpha = Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8), mode="L")
+        return _on_white(Image.merge("LA", (grey, alpha)))
+    return grey.convert("RGB")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any mode to RGB; transparent pixels are composited on white, the usual
     background of the drawings users score (black would read as a dark image)."""
-    if img.mode == "RGB":
-        return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit greyscale: scale to 8 bits rather than clipping everything to white.
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0, 0, 255).astype("uint8")
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return _grey_to_rgb(img)
     if img.mode == "F":
-        import numpy as np
-
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = ((arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0).astype("uint8")
         return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    # A palette, grey or RGB file can mark one colour transparent (PNG tRNS, GIF): honour it.
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
+        return _on_white(img)
+    if img.mode == "RGB":
+        return img
     return img.convert("RGB")
 
 
@@ -102,10 +150,13 @@ def load_image(source, draft_size: int | None = None) -> Image.Image:
         raise UnreadableImage(name, "the row holds no image (no bytes and no path)")
     if isinstance(source, (str, os.PathLike)):
         try:
-            if os.path.getsize(source) == 0:
-                raise UnreadableImage(name, "empty file (0 bytes)")
+            info = os.stat(source)
         except OSError as exc:
             raise UnreadableImage(name, f"cannot read file: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(info.st_mode):  # a pipe named x.png would block Image.open forever
+            raise UnreadableImage(name, "not a regular file (a folder, pipe or device)")
+        if info.st_size == 0:
+            raise UnreadableImage(name, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -120,7 +171,7 @@ def load_image(source, draft_size: int | None = None) -> Image.Image:
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            img = _upright(img)
             return _to_rgb(img)
     except UnreadableImage:
         raise
@@ -133,6 +184,8 @@ def load_image(source, draft_size: int | None = None) -> Image.Image:
         if "truncated" in msg.lower() or isinstance(exc, EOFError):
             msg = f"truncated or corrupt image data ({msg})"
         raise UnreadableImage(name, msg) from exc
+    except Exception as exc:  # Pillow's decoders raise other types on crafted files; a pool must not crash
+        raise UnreadableImage(name, f"cannot decode ({type(exc).__name__}: {exc})") from exc
 
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS

@@ -4,7 +4,7 @@ Every figure is computed from two arrays: the model's bracket probabilities (N x
 the true scores (N, possibly fractional). Conventions, fixed here once:
 - expected score = sum_b p_b * b (0-10); "percent" = expected score * 10;
 - predicted bracket = argmax of the probabilities (what the export writes as `bracket`);
-- true bracket = the score rounded to the nearest integer;
+- true bracket = the score rounded to the nearest integer, halves up (`bracket_of`);
 - false-positive rate = share of images whose true bracket is <= 1 (photos, text, manga)
   that the model scores at 50% or more (expected score >= 5): the model card's worst error;
 - top-K precision = share of the K images with the highest expected score whose true
@@ -41,8 +41,14 @@ def expected_score(probs: np.ndarray) -> np.ndarray:
 
 
 def bracket_of(score) -> np.ndarray:
-    """True bracket of a (possibly fractional) score: nearest integer, clipped to 0-10."""
-    return np.clip(np.rint(np.asarray(score, dtype=np.float64)), 0, NUM_BRACKETS - 1).astype(np.int64)
+    """True bracket of a (possibly fractional) score: round half up (6.5 -> 7, 7.5 -> 8),
+    clipped to 0-10. The project's one rounding rule (data, metrics, reports, the synthetic
+    generator); numpy's rint rounds halves to even and would send averaged scores of 6.5
+    down but 7.5 up."""
+    x = np.asarray(score, dtype=np.float64)
+    whole = np.floor(x)
+    # x - floor(x) is exact; floor(x + 0.5) is not (0.49999999999999994 + 0.5 == 1.0)
+    return np.clip(whole + (x - whole >= 0.5), 0, NUM_BRACKETS - 1).astype(np.int64)
 
 
 def default_top_k(n: int, fraction: float = 0.1) -> int:

@@ -9,8 +9,10 @@ backbone's own state dict: the same file loads with plain
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 from pathlib import Path
 
 import timm
@@ -150,12 +152,11 @@ def build_model(model_cfg, image_size: int, crop_pct: float = 1.0) -> tuple[Scor
 
 
 def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write model.safetensors + config.json atomically (a temp folder renamed into place)."""
+    """Write model.safetensors + config.json into a temp folder, then swap it into place:
+    at every moment `folder` holds either the whole old model or the whole new one."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # Image mode: the timm backbone's own state dict. Embedding mode: backbone.* and head.*.
@@ -164,23 +165,46 @@ def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: 
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **info, **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if folder.exists():
-        import shutil
-
+    _recover_interrupted_swap(folder)
+    if not folder.exists():
+        tmp.rename(folder)
+    elif _exchange(tmp, folder):  # atomic: tmp now holds the old model
+        shutil.rmtree(tmp)
+    else:  # no RENAME_EXCHANGE here: two renames, and _recover_interrupted_swap covers the gap
         old = folder.with_name(folder.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         folder.rename(old)
         tmp.rename(folder)
         shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
     return folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where the
+    system or file system does not offer it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def _recover_interrupted_swap(folder: Path) -> None:
+    """A kill between the two renames of the fallback leaves only `<folder>.old`: put it back."""
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and (old / "config.json").is_file():
+        old.rename(folder)
 
 
 def resolve_model_folder(path: str | Path) -> Path:
     """Accept a model/ folder or a run folder that contains one."""
     path = Path(path)
+    for candidate in (path, path / "model"):
+        _recover_interrupted_swap(candidate)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     if (path / "model" / "config.json").is_file():

@@ -29,6 +29,7 @@ All running statistics are tensor attributes, so `AlgorithmState` checkpoints th
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from semilearn.algorithms.utils import SSL_Argument, str2bool
 from semilearn.core.algorithmbase import AlgorithmBase
@@ -95,11 +96,27 @@ class OrdinalMatch(AlgorithmBase):
         self.p_model = torch.full((NUM,), 1.0 / NUM)
 
     # ------------------------------------------------------------------ pieces
+    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every process (as USB's hooks gather before updating statistics), so
+        that the running statistics, and the thresholds, are the same on every process and
+        equal to a one-process run's on the same global batch."""
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def global_mean_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Mean over the rows of every process's batch (batches may differ in size)."""
+        flat = rows.reshape(len(rows), -1)
+        total = self.global_sum(torch.cat([flat.sum(0), flat.new_tensor([len(rows)])]))
+        return (total[:-1] / total[-1].clamp_min(1)).reshape(rows.shape[1:])
+
     def align(self, probs: torch.Tensor) -> torch.Tensor:
         if not self.use_dist_align:
             return probs
         self.p_model = self.p_model.to(probs.device)
-        self.p_model = self.da_momentum * self.p_model + (1 - self.da_momentum) * probs.mean(0).detach()
+        mean = self.global_mean_rows(probs.detach())
+        self.p_model = self.da_momentum * self.p_model + (1 - self.da_momentum) * mean
         aligned = probs * (self.prior.to(probs.device) / self.p_model.clamp_min(1e-6))
         return aligned / aligned.sum(dim=-1, keepdim=True)
 
@@ -111,15 +128,16 @@ class OrdinalMatch(AlgorithmBase):
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mask, confidence, bracket) for aligned weak-view probabilities; updates thresholds."""
         conf, centre = window_mass(probs, self.conf_radius)
-        mean_conf = conf.mean().detach().cpu()
+        mean_conf = self.global_mean_rows(conf.detach()[:, None]).squeeze(0).cpu()
         if self.global_level < 0:
             self.global_level = mean_conf.clone()
         else:
             self.global_level = self.thresh_momentum * self.global_level + (1 - self.thresh_momentum) * mean_conf
         thr = self.current_thresholds().to(probs.device)
         mask = (conf >= thr[centre]).float()
-        if self.use_per_bracket and mask.sum() > 0:
-            share = torch.bincount(centre[mask.bool()], minlength=NUM).float().cpu() / mask.sum().cpu()
+        counts = self.global_sum(torch.bincount(centre[mask.bool()], minlength=NUM).float()).cpu()
+        if self.use_per_bracket and counts.sum() > 0:
+            share = counts / counts.sum()
             self.accepted_share = self.thresh_momentum * self.accepted_share + (1 - self.thresh_momentum) * share
             # over-represented brackets get stricter, under-represented ones more lenient
             step = self.controller_rate * (self.accepted_share - self.prior)

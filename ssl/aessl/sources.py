@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .data import _walk_files
 from .images import is_image_file
 
 log = logging.getLogger(__name__)
@@ -18,12 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _has_images(folder: Path) -> bool:
+    """Whether `folder` holds an image, walked as the data loaders walk it: through symlinked
+    bracket folders, skipping hidden entries below `folder` only (a checkout under
+    ~/.src/ must not look empty and fall back to the synthetic demo)."""
     if not folder.is_dir():
         return False
-    for p in folder.rglob("*"):
-        if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.parts):
-            return True
-    return False
+    return any(is_image_file(p) and p.is_file() for p in _walk_files(folder))
 
 
 def resolve_sources(data_cfg, is_main: bool = True, wait=lambda: None) -> dict:

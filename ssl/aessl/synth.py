@@ -89,6 +89,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .metrics import bracket_of  # the one rounding rule: halves up, clipped to 0..10
+
 # --------------------------------------------------------------------------------------
 # Public constants
 
@@ -139,11 +141,6 @@ _STREAM_SHUFFLE, _STREAM_NOISE, _STREAM_RATERS = 101, 102, 103
 
 # --------------------------------------------------------------------------------------
 # Counts, brackets, scores
-
-
-def bracket_of(score):
-    """Bracket of a continuous score: round half up, clipped to 0..10 (works on arrays)."""
-    return np.clip(np.floor(np.asarray(score, dtype=np.float64) + 0.5), 0, NUM_BRACKETS - 1).astype(np.int64)
 
 
 def bracket_counts(n: int, weights=MODEL_CARD_HISTOGRAM) -> list[int]:
