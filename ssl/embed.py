@@ -7,6 +7,9 @@ computes, for every image not yet cached, the eval view plus embed.views weak an
 views. Train with the same config and model.mode=embedding afterwards; train.py runs this
 same pass itself, so running embed.py first is only needed to fill the cache on other
 machines or ahead of time. A killed pass loses at most one shard per process: run it again.
+One job at a time writes into a cache key folder: a second one exits with an error naming
+the folder and its holder (jobs that find everything cached only read, and run side by side).
+Files that could not be read (permissions, I/O errors) are skipped and retried on the next pass.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
         counts = {name: {"images": len(t), "skipped": len(feats["skipped"][name])} for name, t in feats["tables"].items()}
         print(json.dumps({"cache": str(feats["root"]), "backbone": cfg.model.name, "dim": feats["stats"]["dim"],
                           "views": 1 + 2 * int(cfg.embed.views), "computed": feats["stats"]["computed"],
-                          "already_cached": feats["stats"]["cached_before"], "seconds": feats["stats"]["seconds"],
+                          "already_cached": feats["stats"]["cached_before"],
+                          "retry_next_pass": feats["stats"]["read_errors"], "seconds": feats["stats"]["seconds"],
                           "sets": counts}, indent=1))
     accelerator.end_training()
     return 0

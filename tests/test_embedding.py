@@ -1,22 +1,36 @@
-"""Embedding mode: the feature cache (hits, invalidation, a killed pass), heads on cached
-features through train.py, and the resulting model/ folder scoring images in export and report."""
+"""Embedding mode: the feature cache (hits, invalidation, a killed pass, open files, streamed
+sources, failed reads, one writer), heads on cached features through train.py, and the
+resulting model/ folder scoring images in export and report."""
 
 from __future__ import annotations
 
+import builtins
+import importlib.util
 import json
+import os
+import re
 import shutil
+import socket
+import sys
+import tracemalloc
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
 
-from conftest import ROOT, TINY, make_pool, run_script
+from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
 from test_report import report_main
 from test_train import read_metrics, train_in_process
 
 from aessl import embedding as emb
 from aessl.config import load_config
+from aessl.data import load_pool, load_scored_set
+from aessl.locks import FolderLock
 
 EMB = ["model.mode=embedding", "model.head=mlp", "model.head_hidden=32", "embed.shard_size=16", "embed.batch_size=32"]
 
@@ -41,16 +55,14 @@ def config(d, cache: Path, *more):
 
 def fill(cfg, d):
     """prepare_features on the scored set, test set and pool, in this process."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    return fill_tables(cfg, {"scored": load_scored_set(d["labeled"]), "test": load_scored_set(d["test"]),
+                             "pool": load_pool(str(d["unlabeled"]))})
 
-    from aessl.data import load_pool, load_scored_set
 
+def fill_tables(cfg, tables: dict):
+    """prepare_features on the given tables ({name: datasets table}), in this process."""
     try:
-        acc = Accelerator(cpu=True)
-        tables = {"scored": load_scored_set(d["labeled"]), "test": load_scored_set(d["test"]),
-                  "pool": load_pool(str(d["unlabeled"]))}
-        return emb.prepare_features(cfg, acc, tables, workers=0)
+        return emb.prepare_features(cfg, Accelerator(cpu=True), tables, workers=0)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -58,7 +70,27 @@ def fill(cfg, d):
 
 def all_features(root: Path) -> dict[str, np.ndarray]:
     cache = emb.FeatureCache(root)
-    return {h: np.asarray(cache.feats[k][r], dtype=np.float32) for h, (k, r) in cache.lookup.items()}
+    return {h: cache.features(h) for h in cache.lookup}
+
+
+@pytest.fixture
+def small_pool(tmp_path):
+    """Six readable images and nothing else: for checks of the cache that need no scored set."""
+    return make_pool(tmp_path / "small", n=6, seed=3)
+
+
+def pool_config(cache: Path, *more):
+    return load_config(ROOT / "configs" / "demo.yaml", [*TINY, *EMB, f"embed.cache_dir={cache}", *more])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 N_READABLE = 11 * 8 + 11 * 3 + 30  # scored + test + readable pool images
@@ -94,8 +126,6 @@ def test_second_pass_is_all_hits_and_reads_the_same_features(data, tmp_path):
     shutil.copytree(data["unlabeled"], extra)
     Path(extra / "zero.png").unlink()
     Path(extra / "text.jpg").unlink()
-    from PIL import Image
-
     Image.new("RGB", (24, 24), (200, 10, 10)).save(extra / "new.png")
     third = fill(config(data, cache), {**data, "unlabeled": extra})
     assert third["stats"]["computed"] == 1 and third["root"] == first["root"]
@@ -116,6 +146,158 @@ def test_backbone_or_transform_change_computes_a_new_cache(data, tmp_path, chang
     spec = json.loads((b["root"] / "manifest.json").read_text())
     assert spec["backbone_sha256"] != json.loads((a["root"] / "manifest.json").read_text())["backbone_sha256"] \
         or spec["views"] != json.loads((a["root"] / "manifest.json").read_text())["views"]
+
+
+@pytest.mark.parametrize("change", [
+    "model.kwargs.global_pool=max",  # the same weights, pooled another way
+    "model.name=test_resnet.r160_in1k",  # another timm name with the very same weights and transforms
+    "embed.dtype=float32",  # how the features are stored
+])
+def test_model_kwargs_name_and_dtype_are_in_the_cache_key(small_pool, tmp_path, change):
+    cache, pool = tmp_path / "cache", {"pool": load_pool(str(small_pool))}
+    size = "data.image_size=64"  # test_resnet's last feature map is 2x2 here: max and mean pooling differ
+    a = fill_tables(pool_config(cache, size), pool)
+    b = fill_tables(pool_config(cache, size, change), pool)
+    assert b["root"] != a["root"] and b["stats"]["computed"] == 6
+    # weights and views are the same: only the new parts of the key tell the two apart
+    assert b["spec"]["backbone_sha256"] == a["spec"]["backbone_sha256"] and b["spec"]["views"] == a["spec"]["views"]
+    if change.startswith("model.kwargs"):  # and reusing the first cache would have served stale features
+        assert not np.allclose(a["tables"]["pool"].gather(np.arange(6), 0), b["tables"]["pool"].gather(np.arange(6), 0))
+
+
+def test_open_files_do_not_grow_with_the_number_of_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    root, n_shards, rows, views, dim = tmp_path / "key", 3 * emb.MAX_OPEN_SHARDS, 3, 5, 8
+    written = {}
+    for k in range(n_shards):
+        keys = [f"{k:04d}{r:028d}" for r in range(rows)]  # 32 characters, like content hashes
+        # float16 as usual, and now and then float32 (features too large for float16)
+        feats = rng.standard_normal((rows, views, dim)).astype(np.float32 if k % 10 == 3 else np.float16)
+        emb.write_shard(root, keys, feats, {})
+        written.update(zip(keys, feats))
+    before = open_fds()
+    cache = emb.FeatureCache(root)
+    hashes = sorted(written)
+    table = emb.FeatureTable(cache, hashes, np.arange(len(hashes)))
+    idx = rng.permutation(len(hashes))  # a training batch touches every shard, in any order
+    view = rng.integers(0, views, len(idx))
+    got = table.gather(idx, view)
+    assert open_fds() - before <= emb.MAX_OPEN_SHARDS < n_shards
+    assert np.array_equal(got, np.stack([written[hashes[i]][v] for i, v in zip(idx, view)]).astype(np.float32))
+    cache.close()
+    assert open_fds() == before
+
+
+def test_saved_dataset_pool_is_read_in_chunks_and_matches_the_same_images_as_a_folder(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    for i in range(40):  # noise does not compress: ~200 kB of bytes each, 8 MB in all
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"n{i:02d}.png")
+    (folder / "text.png").write_text("not an image")
+    as_folder = load_pool(str(folder))
+    saved = tmp_path / "saved"
+    as_images = datasets.Dataset.from_dict({"image": as_folder["path"]}).cast_column("image", datasets.Image())
+    as_images.save_to_disk(str(saved))  # the bytes go into the saved table
+    as_saved = load_pool(str(saved))
+
+    # the image bytes stored in the table give the same content hashes and features as the files
+    a = fill_tables(pool_config(tmp_path / "a"), {"pool": as_saved})
+    b = fill_tables(pool_config(tmp_path / "b"), {"pool": as_folder})
+    assert a["stats"]["computed"] == b["stats"]["computed"] == 40
+    fa, fb = all_features(a["root"]), all_features(b["root"])
+    assert fa.keys() == fb.keys() and all(np.array_equal(fa[h], fb[h]) for h in fa)
+    ta, tb = a["tables"]["pool"], b["tables"]["pool"]
+    assert np.array_equal(ta.rows, tb.rows) and np.array_equal(ta.gather(np.arange(40), 0), tb.gather(np.arange(40), 0))
+    reasons = [[r for _, r in t["skipped"]["pool"]] for t in (a, b)]
+    assert reasons == [["not an image (unrecognised format)"]] * 2
+
+    # a pass over the saved pool holds a couple of rows' bytes at a time, never the whole pool's
+    monkeypatch.setattr(emb, "SOURCE_CHUNK", 2)
+    total = sum(os.path.getsize(p) for p in as_folder["path"])
+    tracemalloc.start()
+    try:
+        again = fill_tables(pool_config(tmp_path / "b"), {"pool": as_saved})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert again["stats"]["computed"] == 0 and len(again["tables"]["pool"]) == 40
+    assert peak < total / 3, f"{peak} bytes at peak for {total} bytes of images: the pool was read whole"
+
+
+def test_a_failed_read_is_skipped_now_and_retried_on_the_next_pass(small_pool, tmp_path, monkeypatch):
+    cache, table = tmp_path / "cache", load_pool(str(small_pool))
+    victim = table["path"][2]
+    emb.ContentHasher(cache).hash_sources(table["path"])  # an earlier run hashed it: size and mtime are known
+    real_open = builtins.open
+
+    def open_failing_for_victim(file, *args, **kwargs):  # EACCES / EIO on one file, while stat still works
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == victim:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_failing_for_victim)
+    first = fill_tables(pool_config(cache), {"pool": table})
+    monkeypatch.undo()
+    assert first["stats"]["computed"] == 5 and first["stats"]["read_errors"] == 1
+    assert first["skipped"]["pool"] == [(victim, "cannot read file: Permission denied")]  # counted as skipped...
+    assert not emb.FeatureCache(first["root"]).skipped  # ...but not remembered as unreadable
+
+    second = fill_tables(pool_config(cache), {"pool": table})
+    assert second["stats"]["computed"] == 1 and second["skipped"]["pool"] == []
+    assert len(second["tables"]["pool"]) == 6
+
+
+def embed_main():
+    """ssl/embed.py's main(), called in this process."""
+    spec = importlib.util.spec_from_file_location("embed_script", ROOT / "ssl" / "embed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_a_second_writer_of_a_cache_key_gets_a_clear_error(data, small_pool, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    root = fill_tables(pool_config(cache), {"pool": load_pool(str(small_pool))})["root"]
+    more = tmp_path / "more"
+    shutil.copytree(small_pool, more)
+    Image.new("RGB", (24, 24), (0, 90, 200)).save(more / "new.png")
+    with FolderLock(root, "embedding cache"):  # another live process is filling this key
+        # a run that finds everything cached only reads: it is not held up
+        assert fill_tables(pool_config(cache), {"pool": load_pool(str(small_pool))})["stats"]["computed"] == 0
+        with pytest.raises(emb.EmbeddingError, match="in use by another live process") as err:
+            fill_tables(pool_config(cache), {"pool": load_pool(str(more))})
+        assert str(root) in str(err.value)
+        capsys.readouterr()
+        try:  # embed.py must write too (the scored sets are not cached): it says why and exits 2
+            code = embed_main()(["--config", str(ROOT / "configs" / "demo.yaml"), *TINY, *EMB, *data_args(data),
+                                 f"embed.cache_dir={cache}"])
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        stderr = capsys.readouterr().err
+        assert code == 2 and str(root) in stderr and "in use" in stderr and "Traceback" not in stderr
+    assert fill_tables(pool_config(cache), {"pool": load_pool(str(more))})["stats"]["computed"] == 1
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_a_held_cache_lock_stops_every_process_of_a_job(small_pool, tmp_path):
+    """A 2-process gloo job: rank 0 alone tries the lock and tells rank 1, so both stop
+    (neither hangs in a collective) and the error is printed once."""
+    cache = tmp_path / "cache"
+    root = fill_tables(pool_config(cache), {"pool": load_pool(str(small_pool))})["root"]
+    labeled = make_scored_set(tmp_path / "lab", per_bracket=2)
+    test = make_scored_set(tmp_path / "tst", per_bracket=1, seed=5)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    args = ["--config", ROOT / "configs" / "demo.yaml", *TINY, *EMB, f"data.labeled={labeled}", f"data.test={test}",
+            f"data.unlabeled={small_pool}", f"embed.cache_dir={cache}"]
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with FolderLock(root, "embedding cache"):
+        held = run_script("embed.py", *args, launcher=launcher, env=env, check=False, timeout=240)
+    assert held.returncode != 0 and held.stderr.count(f"embedding cache {root} is in use") == 1
+    assert re.search(r"exitcode\s*:\s*2\b", held.stderr) and len(emb.FeatureCache(root).lookup) == 6  # nothing written
 
 
 def test_killed_embedding_pass_resumes_to_the_same_cache(data, tmp_path):
@@ -161,8 +343,6 @@ def test_embedding_model_trains_then_scores_images_in_export_and_report(data, tm
 
     out = tmp_path / "export"
     assert ex.main(["--model", str(run), "--images", str(data["unlabeled"]), "--out", str(out), "--workers", "0"]) == 0
-    import datasets
-
     rows = datasets.load_dataset("parquet", data_files=str(out / "part-*.parquet"), split="train").sort("path")
     assert len(rows) == 30
     model, _ = load_model_folder(run)
@@ -170,8 +350,6 @@ def test_embedding_model_trains_then_scores_images_in_export_and_report(data, tm
     feats = fill(cfg, data)
     assert feats["stats"]["computed"] == 0
     pool_t = feats["tables"]["pool"]
-    from aessl.data import load_pool
-
     names = [load_pool(str(data["unlabeled"]))["path"][i] for i in pool_t.rows]
     with torch.no_grad():
         cached = torch.softmax(model.head(torch.from_numpy(pool_t.gather(np.arange(len(pool_t)), 0)))["logits"], -1).numpy()
