@@ -6,7 +6,10 @@
 Writes OUT/part-*.parquet (one row per readable image: path, expected_score, score_percent,
 bracket, confidence, prob_0..prob_10, accepted), errors.jsonl, manifest.json and, with
 --top N, top.csv, top_grid.jpg and top/. A killed export resumes when run again with the same
-arguments. The library part is aessl/export.py.
+arguments. An OUT that another live export is writing (it holds OUT/.lock), or that holds files
+this tool did not write, is refused with exit 2 (--overwrite replaces the latter). --device
+auto|cpu|cuda|cuda:N picks where one process scores (under accelerate launch each process uses
+its own GPU). The library part is aessl/export.py.
 """
 
 import sys

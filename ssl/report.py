@@ -30,11 +30,15 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="K of top-K precision (default: 10%% of the scored set)")
     p.add_argument("--grid", type=int, default=12, help="images per grid (top, false positives, misses)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: up to 4)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; softmax always fp32")
     args = p.parse_args(argv)
-    for name in ("batch_size", "grid"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "grid", "pool_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be 0 or more")
     if args.top_k is not None and args.top_k < 1:
         p.error("--top-k must be at least 1")
     return args
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     try:
         report = build_report(args.runs, args.data, out, pool=args.pool, truth=args.truth, batch_size=args.batch_size,
                               top_k=args.top_k, grid=args.grid, workers=args.workers, device=args.device,
-                              pool_limit=args.pool_limit)
+                              pool_limit=args.pool_limit, precision=args.precision)
     except (ReportError, LabeledSetError, DataSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import socket
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 from conftest import make_pool, run_script, toy_image
 
 from aessl import export as ex
+from aessl.locks import FolderLock
 from aessl.models import build_model, save_model_folder
 
 THRESHOLDS = [0.3, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.25, 0.3]
@@ -86,6 +88,11 @@ def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+def listing(out: Path) -> list[tuple[str, int]]:
+    """Names and mtimes in OUT, but the lock file (each run takes the lock, rewriting it)."""
+    return sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir() if p.name != ".lock")
+
+
 def test_rows_errors_schema_and_load_dataset(setup, tmp_path):
     ref = setup["ref"]
     rows = rows_of(ref)
@@ -137,7 +144,7 @@ def test_resume_after_lost_manifest_shard_and_stale_tmp(setup, tmp_path, capsys)
     shutil.copytree(setup["ref"], out)
     (out / "manifest.json").unlink()
     (out / "part-00001.parquet").unlink()
-    (out / "part-00003.parquet").write_bytes(b"PAR1 cut short")  # not ours / corrupt: scored again
+    (out / "part-00003.parquet").unlink()
     (out / "part-00002.parquet.tmp").write_bytes(b"half a shard")  # a write killed mid-way
     assert export(setup, out) == 0
     same_rows(rows_of(out), rows_of(setup["ref"]))
@@ -178,7 +185,7 @@ def test_killed_export_resumes_to_the_same_rows(setup, tmp_path, monkeypatch):
 def test_other_settings_or_model_refused_unless_overwrite(setup, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(setup["ref"], out)
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    before = listing(out)
     assert export(setup, out, "--shard-size", "7") == 2
     err = capsys.readouterr().err
     assert "shard_size" in err and "--overwrite" in err and str(out) in err
@@ -188,7 +195,7 @@ def test_other_settings_or_model_refused_unless_overwrite(setup, tmp_path, capsy
     (out / "manifest.json").unlink()  # the shards alone still tell
     assert export(setup, out, "--shard-size", "7") == 2
     assert "different export" in capsys.readouterr().err
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == [b for b in before if b[0] != "manifest.json"]
+    assert listing(out) == [b for b in before if b[0] != "manifest.json"]
 
     assert ex.main(["--model", str(setup["other"]), "--images", str(setup["pool"]), "--out", str(out),
                     "--shard-size", "7", "--workers", "0", "--overwrite"]) == 0
@@ -215,6 +222,116 @@ def test_bad_inputs_exit_2_and_write_nothing(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         ex.main(["--model", "m", "--images", "i", "--out", "o", "--top-copy", "link"])
     assert exc.value.code == 2
+
+
+def test_files_not_written_by_export_are_refused_unless_overwrite(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(setup["ref"], out)
+    (out / "part-00003.parquet").write_bytes(b"PAR1 someone else's")  # over one of ours: still not ours
+    (out / "part-00042.parquet").write_bytes(b"a file the user keeps here")
+    before = listing(out)
+    assert export(setup, out) == 2
+    err = capsys.readouterr().err
+    assert "part-00003.parquet" in err and "part-00042.parquet" in err and "--overwrite" in err and str(out) in err
+    assert listing(out) == before  # nothing deleted, nothing written
+
+    mine = tmp_path / "mine"  # a folder holding no export: a top/ there is the user's
+    (mine / "top").mkdir(parents=True)
+    (mine / "top" / "keep.png").write_bytes(b"mine")
+    assert export(setup, mine, "--top", "2", "--top-copy", "copy") == 2
+    assert "top: would be replaced" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "top"] and (mine / "top" / "keep.png").exists()
+
+    assert export(setup, out, "--overwrite") == 0
+    assert not (out / "part-00042.parquet").exists()
+    same_rows(rows_of(out), rows_of(setup["ref"]))
+
+
+def test_top_copy_shortens_names_past_the_file_system_limit(setup, tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    # 252 bytes, legal; "0001_" + it is not. Same first 248 bytes, so the shortened stems
+    # collide and only the rank keeps the names apart; the cut falls inside an "é".
+    names = ["x" + "é" * 123 + "y.png", "x" + "é" * 123 + "z.png", "short.png"]
+    assert [len(os.fsencode(n)) for n in names[:2]] == [252, 252]
+    rng = np.random.default_rng(4)
+    for b, name in zip((9, 5, 1), names):
+        toy_image(b, rng, 24).save(pool / name)
+    out = tmp_path / "out"
+    for mode in ("link", "copy"):  # the second run only redoes the top N of the finished export
+        assert ex.main(["--model", str(setup["run"]), "--images", str(pool), "--out", str(out), "--workers", "0",
+                        "--top", "3", "--top-copy", mode]) == 0
+        with open(out / "top.csv") as f:
+            ranked = [row["path"] for row in csv.DictReader(f)]
+        files = sorted((out / "top").iterdir())
+        assert len(files) == 3 and [f.name[:5] for f in files] == ["0001_", "0002_", "0003_"]
+        for f, src in zip(files, ranked):
+            assert len(os.fsencode(f.name)) <= 255 and f.suffix == ".png"
+            f.name.encode("utf-8")  # whole characters only: no broken UTF-8 sequence
+            assert Path(src).name.startswith(f.name[5:-4])
+            assert f.is_symlink() == (mode == "link") and f.read_bytes() == Path(src).read_bytes()
+
+
+def test_second_export_into_a_locked_out_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    live = FolderLock(out, "export folder").acquire()  # what a live export in another process holds
+    try:
+        assert export(setup, out) == 2
+    finally:
+        live.release()
+    err = capsys.readouterr().err
+    assert str(out) in err and "in use" in err and f"pid {os.getpid()}" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert export(setup, out) == 0  # free again: it runs, and lets go of the lock when done
+    FolderLock(out).acquire().release()
+
+
+def _bad_case(name: str, setup, tmp: Path) -> tuple[list[str], str]:
+    """(arguments after --out, words the error must hold) for one bad input."""
+    run, pool = str(setup["run"]), str(setup["pool"])
+    if name == "pool_all_unreadable":
+        (tmp / "bad").mkdir()
+        (tmp / "bad" / "zero.png").write_bytes(b"")
+        (tmp / "bad" / "text.jpg").write_text("not an image")
+        return ["--model", run, "--images", str(tmp / "bad")], "none of the 2 image(s)"
+    if name == "manifest_paths_are_numbers":
+        (tmp / "pool.csv").write_text("path\n1\n2\n")
+        return ["--model", run, "--images", str(tmp / "pool.csv")], "pool.csv"
+    if name == "manifest_header_only":
+        (tmp / "pool.csv").write_text("path\n")
+        return ["--model", run, "--images", str(tmp / "pool.csv")], "pool.csv"
+    if name == "weights_zero_bytes":
+        shutil.copytree(setup["run"] / "model", tmp / "model")
+        (tmp / "model" / "model.safetensors").write_bytes(b"")
+        return ["--model", str(tmp / "model"), "--images", pool], str(tmp / "model")
+    if name == "device_typo":
+        return ["--model", run, "--images", pool, "--device", "cdua"], "'cdua'"
+    if name == "device_cuda_without_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        return ["--model", run, "--images", pool, "--device", "cuda"], "CUDA is not available"
+    if name == "out_is_a_file":
+        return ["--model", run, "--images", pool], "not a folder"
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("case", ["pool_all_unreadable", "manifest_paths_are_numbers", "manifest_header_only",
+                                  "weights_zero_bytes", "device_typo", "device_cuda_without_cuda", "out_is_a_file"])
+def test_bad_input_is_a_clear_exit_2(case, setup, tmp_path, capsys):
+    args, words = _bad_case(case, setup, tmp_path)
+    out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("a file")
+    assert ex.main([*args, "--out", str(out), "--workers", "0"]) == 2  # not a traceback
+    err = capsys.readouterr().err
+    assert "error: " in err and words in err and "Traceback" not in err, err
+    if case == "pool_all_unreadable":  # scored to the end: a finished, consistent export of nothing
+        assert manifest(out)["complete"] and manifest(out)["unreadable"] == 2 and not rows_of(out)
+        assert len((out / "errors.jsonl").read_text().splitlines()) == 2
+    elif case == "out_is_a_file":
+        assert out.read_text() == "a file"
+    else:
+        assert not out.exists()
 
 
 def test_top_n_ordering_files_and_grid(setup, tmp_path, capsys):

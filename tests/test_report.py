@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import accuracy_score, cohen_kappa_score, mean_absolute_error
 
@@ -196,3 +197,73 @@ def test_bad_inputs_exit_2_with_the_file_named(runs, toy_data, tmp_path, capsys)
     assert not (tmp_path / "r1" / "report.html").exists()
     assert main([str(tmp_path / "nowhere"), "--data", str(toy_data["test"]), "--out", str(tmp_path / "r2")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_dollar_signs_in_file_and_run_names_are_plain_text(runs, tmp_path):
+    """matplotlib reads '$...$' as TeX: 'x$_a_b$' would stop the report (double subscript)."""
+    scored = tmp_path / "scored"
+    rng = np.random.default_rng(3)
+    for b, name in ((0, "x$_a_b$.png"), (5, "plain.png"), (9, "y$.png")):
+        (scored / f"{b:02d}").mkdir(parents=True)
+        toy_image(b, rng).save(scored / f"{b:02d}" / name)
+    dollar, twin = tmp_path / "sup$_x$", tmp_path / "sup__x"  # also one file-name slug: sup__x
+    for run in (dollar, twin):
+        shutil.copytree(runs["sup"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    out = tmp_path / "out"
+    assert report_main()([str(dollar), str(twin), "--data", str(scored), "--out", str(out), "--workers", "0",
+                          "--top-k", "1"]) == 0
+    page = (out / "report.html").read_text()
+    assert "sup$_x$" in page and external_references(page) == []
+    assert json.loads((out / "metrics.json").read_text())["run_names"] == ["sup$_x$", "sup__x"]
+    assert "x$_a_b$.png" in " ".join(pd.read_parquet(out / "predictions.parquet")["path"])
+    for slug in ("sup__x", "sup__x-2"):  # each run keeps its own PNGs
+        assert all((out / f"{p}_{slug}.png").is_file() for p in PLOTS_PER_RUN), slug
+
+
+def _bad_report_case(case: str, runs, toy_data, tmp: Path) -> tuple[list[str], str]:
+    """(arguments but --out, words the error must hold) for one bad input."""
+    model, data = str(runs["sup"] / "model"), str(toy_data["test"])
+    rng = np.random.default_rng(0)
+    if case == "pool_all_unreadable":
+        (tmp / "pool").mkdir()
+        (tmp / "pool" / "zero.png").write_bytes(b"")
+        (tmp / "pool" / "text.jpg").write_text("not an image")
+        return [model, "--data", data, "--pool", str(tmp / "pool")], "none of its 2 image(s)"
+    if case == "truth_paths_are_numbers":
+        (tmp / "pool").mkdir()
+        toy_image(3, rng).save(tmp / "pool" / "a.png")
+        pd.DataFrame({"path": [1, 2], "bracket": [3, 4]}).to_parquet(tmp / "truth.parquet")
+        return [model, "--data", data, "--pool", str(tmp / "pool"), "--truth", str(tmp / "truth.parquet")], "truth.parquet"
+    if case == "config_is_a_list":
+        shutil.copytree(runs["sup"] / "model", tmp / "model")
+        (tmp / "model" / "config.json").write_text("[]")
+        return [str(tmp / "model"), "--data", data], "config.json"
+    if case == "manifest_paths_are_numbers":
+        (tmp / "scored.csv").write_text("path,score\n1,3\n2,4\n")
+        return [model, "--data", str(tmp / "scored.csv")], "scored.csv"
+    if case == "manifest_header_only":
+        (tmp / "scored.csv").write_text("path,score\n")
+        return [model, "--data", str(tmp / "scored.csv")], "scored.csv"
+    if case == "device_typo":
+        return [model, "--data", data, "--device", "cdua"], "'cdua'"
+    if case == "device_cuda_without_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        return [model, "--data", data, "--device", "cuda"], "CUDA is not available"
+    if case == "out_is_a_file":
+        return [model, "--data", data], "not a folder"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["pool_all_unreadable", "truth_paths_are_numbers", "config_is_a_list",
+                                  "manifest_paths_are_numbers", "manifest_header_only", "device_typo",
+                                  "device_cuda_without_cuda", "out_is_a_file"])
+def test_bad_input_is_a_clear_exit_2(case, runs, toy_data, tmp_path, capsys):
+    args, words = _bad_report_case(case, runs, toy_data, tmp_path)
+    out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("a file")
+    assert report_main()([*args, "--out", str(out), "--workers", "0"]) == 2  # not a traceback
+    err = capsys.readouterr().err
+    assert "error: " in err and words in err and "Traceback" not in err, err
+    assert out.read_text() == "a file" if case == "out_is_a_file" else not out.exists()  # nothing written

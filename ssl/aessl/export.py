@@ -11,7 +11,10 @@ remaining shards are dealt round-robin over the processes) and written atomicall
 whole or not at all. Its parquet schema metadata (key `aessl.export`) records which rows it
 covers, the export's fingerprint and the unreadable images it met. A killed export run again
 with the same arguments therefore scores only the shards that are missing; arguments or a
-model that would change the rows are refused (exit 2) unless `--overwrite`.
+model that would change the rows, and files in OUT that this tool did not write (a
+`part-*.parquet` without that metadata, a `top/` in a folder holding no export), are refused
+(exit 2) unless `--overwrite`. While an export runs it holds OUT's FolderLock (`OUT/.lock`):
+a second export into the same OUT is refused, never interleaved.
 
 Columns (one row per readable image inside the score band):
   path            the image file, or for a dataset row its image's name, else its row index
@@ -27,7 +30,9 @@ Columns (one row per readable image inside the score band):
 
 When all shards exist the main process writes `errors.jsonl` (row, path, reason of every
 unreadable image), `manifest.json` (`complete: true`) and, with `--top N`, `top.csv`,
-`top_grid.jpg` and optionally `top/` (links or copies named `0001_<name>`).
+`top_grid.jpg` and optionally `top/` (links or copies named `0001_<name>`, the name cut
+to the file system's limit). A pool of which not one image could be read ends with exit 2
+(the finished manifest and errors.jsonl say why).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from .data import DataSourceError, EvalDataset, load_pool, row_name, row_source, worker_init
+from .locks import FolderLock, FolderLocked
 from .metrics import NUM_BRACKETS, confidence, expected_score
 
 log = logging.getLogger("aessl.export")
@@ -97,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source rows per output shard")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
+    p.add_argument("--device", default="auto",
+                   help="auto (accelerate's choice: each process's GPU, else CPU), cpu, cuda, or cuda:N (one process)")
     p.add_argument("--streaming", action="store_true", help="stream the source instead of loading it (huge Hub datasets)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of the source")
     p.add_argument("--overwrite", action="store_true", help="replace an export of different settings in OUT")
@@ -141,6 +149,27 @@ def resolve_thresholds(info: dict, where: str) -> tuple[list[float], str]:
     if len(values) != NUM_BRACKETS or not all(0.0 <= v <= 1.0 for v in values):
         raise ExportError(f"{where}: 'thresholds' must be {NUM_BRACKETS} numbers in 0-1 (or empty), got {raw!r}")
     return values, "model"
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """A `--device` value as a torch.device: auto (CUDA when there is one, else CPU), cpu,
+    cuda or cuda:N. Raises ValueError naming the value, before any model is moved."""
+    text = (text or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -361,10 +390,10 @@ def read_shard_meta(path: Path) -> dict | None:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[META_KEY])
+        meta = json.loads((pq.read_schema(path).metadata or {})[META_KEY])
     except Exception:
         return None
+    return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
 
 
 def scan_shards(out: Path) -> dict[int, tuple[Path, dict | None]]:
@@ -380,11 +409,18 @@ def scan_shards(out: Path) -> dict[int, tuple[Path, dict | None]]:
 OUR_FILES = ("manifest.json", "errors.jsonl", "top.csv", "top_grid.jpg")
 
 
+def _is_our_temp(name: str) -> bool:
+    """A temp file write_atomic leaves when killed mid-write (`<one of our names>.tmp`)."""
+    return name.endswith(".tmp") and (SHARD_RE.match(name[:-4]) is not None or name[:-4] in OUR_FILES)
+
+
 def clear_export(out: Path) -> None:
     """Remove what an export writes into OUT (and nothing else a user may keep there)."""
     for f in out.iterdir():
-        if SHARD_RE.match(f.name) or f.name in OUR_FILES or f.name.endswith(".tmp"):
+        if f.is_file() and (SHARD_RE.match(f.name) or f.name in OUR_FILES or _is_our_temp(f.name)):
             f.unlink()
+    if (out / "top.tmp").is_dir():
+        shutil.rmtree(out / "top.tmp")
     if (out / "top").is_dir():
         shutil.rmtree(out / "top")
 
@@ -439,6 +475,31 @@ def _image_ext(data: bytes) -> str:
     return {"jpeg": "jpg"}.get(fmt, fmt)
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of `folder` takes; 255 where it won't say."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def top_file_name(rank: int, width: int, name: str, limit: int = 255) -> str:
+    """`0001_<name>`, cut to `limit` bytes: a legal 252-byte name plus the prefix would not
+    fit. The stem is shortened a whole character at a time (never a broken UTF-8 sequence),
+    the extension kept; the rank prefix alone keeps the names unique."""
+    prefix = f"{rank:0{width}d}_"
+    if len(os.fsencode(prefix + name)) <= limit:
+        return prefix + name
+    stem, ext = os.path.splitext(name)
+    if len(os.fsencode(prefix + ext)) >= limit:  # an absurd "extension": it goes, the stem stays
+        stem, ext = name, ""
+    budget = limit - len(os.fsencode(prefix + ext))
+    stem = stem[:budget]  # every character is at least one byte
+    while len(os.fsencode(stem)) > budget:
+        stem = stem[:-1]
+    return prefix + stem + ext
+
+
 def place_top_files(top_dir: Path, ranked: list[tuple[int, str, object]], mode: str) -> None:
     """ranked: (rank, name, source). Files become top_dir/0001_<name> (links or copies)."""
     if top_dir.exists():
@@ -448,6 +509,7 @@ def place_top_files(top_dir: Path, ranked: list[tuple[int, str, object]], mode: 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     width = max(4, len(str(len(ranked))))
+    limit = name_max(tmp)
     for rank, name, src in ranked:
         data = None
         if isinstance(src, dict):
@@ -455,9 +517,9 @@ def place_top_files(top_dir: Path, ranked: list[tuple[int, str, object]], mode: 
             src = src.get("path") if not data else None
         if data is not None:
             base = Path(name).name if name and not name.isdigit() else f"row{name}.{_image_ext(data)}"
-            (tmp / f"{rank:0{width}d}_{base}").write_bytes(data)
+            (tmp / top_file_name(rank, width, base, limit)).write_bytes(data)
             continue
-        target = tmp / f"{rank:0{width}d}_{Path(src).name}"
+        target = tmp / top_file_name(rank, width, Path(src).name, limit)
         if mode == "link":
             os.symlink(os.path.abspath(src), target)
         else:
@@ -515,6 +577,8 @@ def write_top(out: Path, files: list[Path], pool, n: int, copy_mode: str | None)
     grid = [(i, r["score_percent"], sources[r["row"]]) for i, r in enumerate(ranked[:GRID_MAX], 1)]
     if grid:
         contact_sheet(grid, out / "top_grid.jpg")
+    else:
+        (out / "top_grid.jpg").unlink(missing_ok=True)  # an older sheet would contradict an empty top.csv
     return {"n": n, "rows": len(ranked), "csv": "top.csv", "grid": "top_grid.jpg" if grid else None,
             "grid_images": len(grid), "copy": copy_mode, "folder": "top" if copy_mode else None}
 
@@ -565,79 +629,102 @@ def load_inputs(args, device):
 
 
 def prepare_out(out: Path, spec: dict, fingerprint: str, overwrite: bool, manifest_head: dict) -> set[int]:
-    """Main process: make OUT hold this export (or refuse), drop stale temp files, and
-    return the shards already finished."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    problems = []
+    """Main process, OUT locked: make OUT hold this export (or refuse), drop our own stale
+    temp files, and return the shards already finished. A file this tool did not write is
+    never removed without --overwrite: shards are renamed into place whole, so a shard-named
+    file without our metadata is someone else's (or damaged), not a write of ours cut short."""
+    problems, ours = [], False
     mpath = out / "manifest.json"
     if mpath.exists():
         try:
             old = json.loads(mpath.read_text())
-            if old.get("fingerprint") != fingerprint:
+        except (OSError, ValueError) as exc:
+            problems.append(f"{mpath}: unreadable ({exc})")
+        else:
+            ours = isinstance(old, dict) and old.get("format") == EXPORT_FORMAT
+            if not ours:
+                problems.append(f"{mpath} is not a manifest of this tool")
+            elif old.get("fingerprint") != fingerprint:
                 old_spec = old.get("spec", {})
                 diff = [k for k in sorted(set(spec) | set(old_spec)) if spec.get(k) != old_spec.get(k)]
                 problems.append(f"{mpath} records an export with different {', '.join(diff) or 'settings'}")
-        except (OSError, ValueError) as exc:
-            problems.append(f"{mpath}: unreadable ({exc})")
     shards = scan_shards(out)
+    strangers = sorted(path.name for path, meta in shards.values() if meta is None)
+    if strangers:
+        problems.append(", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more" if len(strangers) > 5 else "")
+                        + ": named like shards, but not written by this tool (or damaged)")
     foreign = sorted(k for k, (_, meta) in shards.items() if meta is not None and meta.get("fingerprint") != fingerprint)
     if foreign:
-        problems.append(f"{len(foreign)} shard(s) in {out} (e.g. {shard_name(foreign[0])}) come from a different export")
+        problems.append(f"{len(foreign)} shard(s) (e.g. {shard_name(foreign[0])}) come from a different export")
+    ours = ours or any(meta is not None for _, meta in shards.values())
+    if not ours:  # our other outputs would be replaced: only when an export of ours says they are ours
+        strays = [name for name in ("errors.jsonl", "top.csv", "top_grid.jpg", "top") if (out / name).exists()]
+        if strays:
+            problems.append(f"{', '.join(strays)}: would be replaced, but no export of this tool is there")
     if problems and not overwrite:
-        raise ExportError(f"--out {out} already holds another export: " + "; ".join(problems)
-                          + ". Pass --overwrite to replace it, or choose another --out.")
+        raise ExportError(f"--out {out} holds files this export would replace: " + "; ".join(problems)
+                          + ". Pass --overwrite to replace them, or choose another --out.")
     if problems:
         log.warning("--overwrite: clearing the previous export in %s", out)
         clear_export(out)
         shards = {}
     for f in out.iterdir():
-        if f.name.endswith(".tmp") and (SHARD_RE.match(f.name[:-4]) or f.name[:-4] in OUR_FILES):
+        if f.is_file() and _is_our_temp(f.name):
             f.unlink()  # a write cut short by a kill: never a finished file
     if (out / "top.tmp").is_dir():
         shutil.rmtree(out / "top.tmp")
-    done = set()
-    for k, (path, meta) in shards.items():
-        if meta is None:
-            log.warning("%s is not a readable export shard: it will be scored again", path)
-            path.unlink()
-        else:
-            done.add(k)
     write_text_atomic(mpath, json.dumps({**manifest_head, "complete": False}, indent=1))
-    return done
+    return set(shards)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    accelerator = Accelerator()
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    device = accelerator.device
-    out = Path(args.out)
-
-    def fail(msg: str) -> int:
-        if is_main:
-            print(f"error: {msg}", file=sys.stderr)
-        return 2
-
-    # ---------------------------------------------------------------- inputs (before OUT is touched)
+def export_device(choice: str, accelerator) -> torch.device:
+    """The device this process scores on. One process goes where --device says; with
+    several, each keeps accelerate's (its own GPU, or the CPU), so --device may only name
+    the kind."""
+    if choice.strip().lower() == "auto":
+        return accelerator.device
     try:
-        model, info, thresholds, thr_source, folder, pool, source = load_inputs(args, device)
-    except ExportError as exc:
-        return fail(str(exc))
-    dtype = resolve_precision(args.precision, device)
-    ident = source_identity(pool, source, args.streaming)
-    idents = gather_object([ident["digest"]])
-    if len(set(idents)) > 1:
-        return fail(f"--images {source}: the processes see different rows (is the folder changing?)")
+        device = resolve_device(choice)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if accelerator.num_processes == 1:
+        return device
+    if device.index is not None or device.type != accelerator.device.type:
+        raise ExportError(f"--device {choice}: with {accelerator.num_processes} processes each scores on the device "
+                          f"accelerate gives it ({accelerator.device.type} here); pass --device auto or "
+                          f"--device {accelerator.device.type}")
+    return accelerator.device
 
-    # ---------------------------------------------------------------- OUT: new, resumed, or refused
+
+def lock_out(out: Path, is_main: bool, broadcast=None) -> FolderLock | None:
+    """OUT exists and is this export's alone until it ends: the main process takes its
+    FolderLock and every process learns the same answer. Raises ExportError when OUT cannot
+    be used or another live export is writing it."""
+    problem = [None]
+    if is_main:
+        if out.exists() and not out.is_dir():
+            problem = [f"--out {out}: exists and is not a folder"]
+        else:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                if not os.access(out, os.W_OK | os.X_OK):
+                    problem = [f"--out {out}: the folder is not writable"]
+            except OSError as exc:
+                problem = [f"--out {out}: cannot create the folder ({exc})"]
+    if broadcast is not None:
+        broadcast(problem)
+    if problem[0]:
+        raise ExportError(problem[0])
+    try:
+        return FolderLock.acquire_for(out, "export folder", is_main, broadcast)
+    except FolderLocked as exc:
+        raise ExportError(f"--out: {exc}") from None
+
+
+def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_source: str, ident: dict, source: str,
+                 dtype: torch.dtype, is_main: bool, broadcast) -> dict:
+    """Main process: the export's fingerprint and manifest head, and OUT made ready for it
+    (new, resumed or refused); every process gets {fingerprint, head, done} or {error}."""
     payload = [None]
     if is_main:
         band = [args.min_score, args.max_score]
@@ -667,22 +754,90 @@ def main(argv=None) -> int:
             payload = [{"error": str(exc)}]
         except OSError as exc:
             payload = [{"error": f"--out {out}: {exc}"}]
-    broadcast_object_list(payload)
-    state = payload[0]
+    if broadcast is not None:
+        broadcast(payload)
+    return payload[0]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    accelerator = Accelerator(cpu=args.device.strip().lower() == "cpu")
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    broadcast = broadcast_object_list if world > 1 else None
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+
+    def fail(msg: str) -> int:
+        if is_main:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    # ---------------------------------------------------------------- inputs (before OUT is touched)
+    try:
+        device = export_device(args.device, accelerator)
+        inputs = load_inputs(args, device)
+    except ExportError as exc:
+        return fail(str(exc))
+    dtype = resolve_precision(args.precision, device)
+    pool, source = inputs[-2:]
+    ident = source_identity(pool, source, args.streaming)
+    if len(set(gather_object([ident["digest"]]))) > 1:
+        return fail(f"--images {source}: the processes see different rows (is the folder changing?)")
+
+    # ---------------------------------------------------------------- OUT: ours alone, then new, resumed, or refused
+    try:
+        lock = lock_out(out, is_main, broadcast)
+    except ExportError as exc:
+        return fail(str(exc))
+    try:
+        return run_export(args, accelerator, device, dtype, inputs, ident, out, broadcast, fail)
+    finally:
+        if lock is not None:  # also when a kill hook or an error ends the export: the next run may start
+            lock.release()
+
+
+def run_export(args, accelerator, device, dtype, inputs, ident, out: Path, broadcast, fail) -> int:
+    """Everything after OUT is locked: agree on OUT, score this process's shards, and (main
+    process) check the whole, write errors, top N and the manifest."""
+    from accelerate.utils import gather_object
+
+    model, info, thresholds, thr_source, folder, pool, source = inputs
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    state = agree_on_out(args, out, folder, info, thresholds, thr_source, ident, source, dtype, is_main, broadcast)
     if "error" in state:
         return fail(state["error"])
     fingerprint, head, done = state["fingerprint"], state["head"], set(state["done"])
-    band = head["score_band_percent"]
+    meta_base = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint,
+                 "model_folder": head["model"]["folder"], "architecture": info["architecture"],
+                 "thresholds": thresholds, "thresholds_source": thr_source, "score_band_percent": head["score_band_percent"]}
+    t0 = time.time()
+    counts = score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_base, rank, world, is_main)
+    all_counts = gather_object([counts])
+    accelerator.wait_for_everyone()
+    if not is_main:
+        return 0
+    session = {k: sum(c[k] for c in all_counts) for k in counts}
+    return finish_export(args, out, pool, ident, head, done, session, time.time() - t0, device, world)
 
-    # ---------------------------------------------------------------- this process's shards
+
+def score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_base, rank, world, is_main) -> dict:
+    """Score and write this process's shards; returns its counts (scored, unreadable,
+    written, shards)."""
+    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     from .transforms import eval_transform
 
     S, B, W = args.shard_size, args.batch_size, args.workers
+    thresholds, band = meta_base["thresholds"], meta_base["score_band_percent"]
     tf, size = eval_transform(info), int(info["image_size"])
     cuda = device.type == "cuda"
-    kw = dict(num_workers=W, pin_memory=cuda, worker_init_fn=worker_init)
+    kw = dict(num_workers=W, pin_memory=cuda, worker_init_fn=worker_init)  # pinned pages: async host-to-GPU copies
     if W > 0:
         kw["prefetch_factor"] = 4
     streaming = ident["rows"] is None
@@ -706,9 +861,6 @@ def main(argv=None) -> int:
     buffers: dict[int, dict] = {}
     counts = {"scored": 0, "unreadable": 0, "written": 0, "shards": 0}
     logged = 0
-    meta_base = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint,
-                 "model_folder": head["model"]["folder"], "architecture": info["architecture"],
-                 "thresholds": thresholds, "thresholds_source": thr_source, "score_band_percent": band}
 
     def finish_shard(k: int, end: int | None) -> None:
         nonlocal logged
@@ -735,8 +887,6 @@ def main(argv=None) -> int:
                             radius=int(info.get("confidence_radius", 0)))
         meta["rows_written"] = table.num_rows
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-        import pyarrow.parquet as pq
-
         write_atomic(out / shard_name(k), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         counts["scored"] += int(ok.sum())
         counts["unreadable"] += len(errors)
@@ -745,8 +895,9 @@ def main(argv=None) -> int:
         if kill_after and counts["shards"] >= kill_after:  # fault injection for the resume tests
             os._exit(137)
 
-    def consume(probs_dev, batch) -> None:
-        probs = probs_dev.float().cpu().numpy()
+    def consume(host_probs, ready, batch) -> None:
+        if ready is not None:
+            ready.synchronize()  # the non-blocking copy to the host has landed
         rows = batch["index"].tolist()
         k = batch["shard"] if streaming else rows[0] // S
         buf = buffers.setdefault(k, {"rows": [], "names": [], "ok": [], "reasons": [], "probs": []})
@@ -754,7 +905,7 @@ def main(argv=None) -> int:
         buf["names"] += list(batch["name"])
         buf["ok"] += batch["ok"].tolist()
         buf["reasons"] += list(batch["reason"])
-        buf["probs"].append(probs)
+        buf["probs"].append(host_probs.numpy())
         bar.update(len(rows))
         if streaming:
             if batch["last"]:
@@ -763,7 +914,6 @@ def main(argv=None) -> int:
             finish_shard(k, None)
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    t0 = time.time()
     pending = None
     with torch.inference_mode():
         for batch in loader:
@@ -772,24 +922,31 @@ def main(argv=None) -> int:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)["logits"]
-            probs = torch.softmax(logits.float(), dim=-1)
-            # Handle the previous batch only now: its copy back to the host overlaps this forward.
+            probs = torch.softmax(logits.float(), dim=-1)  # float32: bf16 probabilities would not sum to 1
+            ready = None
+            if cuda:  # copy into pinned host memory without waiting; an event says when it is there
+                probs = probs.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(device))  # device's own stream: --device cuda:1 is not current
+            # Handle the previous batch only now, so the GPU runs this forward meanwhile.
             if pending is not None:
                 consume(*pending)
-            pending = (probs, batch)
+            pending = (probs, ready, batch)
         if pending is not None:
             consume(*pending)
     bar.close()
     if buffers:
         raise RuntimeError(f"shards {sorted(buffers)} were left unfinished")  # a bug in the readers
-    elapsed = time.time() - t0
-    all_counts = gather_object([counts])
-    accelerator.wait_for_everyone()
-    if not is_main:
-        return 0
+    return counts
 
-    # ---------------------------------------------------------------- main: check, errors, top, manifest
-    elapsed = time.time() - t0
+
+def finish_export(args, out: Path, pool, ident: dict, head: dict, done: set, session: dict, elapsed: float,
+                  device, world: int) -> int:
+    """Main process, after every process is done: check that every shard is there, then
+    write errors.jsonl, the top N and the complete manifest."""
+    S = args.shard_size
+    fingerprint = head["fingerprint"]
+    streaming = ident["rows"] is None
     shards = scan_shards(out)
     metas = {k: m for k, (_, m) in shards.items() if m is not None and m.get("fingerprint") == fingerprint}
     expected = math.ceil(ident["rows"] / S) if not streaming else (max(metas) + 1 if metas else 0)
@@ -802,7 +959,6 @@ def main(argv=None) -> int:
     errors = [e for k in range(expected) for e in metas[k]["errors"]]
     write_text_atomic(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
     total_rows = metas[expected - 1]["row_end"] if expected else 0
-    session = {k: sum(c[k] for c in all_counts) for k in counts}
     top = None
     if args.top:
         top = write_top(out, files, pool, args.top, args.top_copy)
@@ -838,6 +994,14 @@ def main(argv=None) -> int:
           f"{manifest['unreadable']} unreadable) to {out} | this run: {seen} images in {elapsed:.1f}s, "
           f"{rate} images/s, {world} process(es) on {device.type}{resumed}")
     if top:
-        print(f"top {top['rows']}: {out / 'top.csv'}, {out / 'top_grid.jpg'}"
+        print(f"top {top['rows']}: {out / 'top.csv'}"
+              + (f", {out / top['grid']}" if top["grid"] else "")
               + (f", {out / 'top'}/ ({top['copy']})" if top["copy"] else ""))
+    if errors and not manifest["rows_scored"]:
+        # A finished export of nothing: the pool is the problem (wrong folder, a format Pillow
+        # cannot read); say so rather than exit 0 on an empty result.
+        print(f"error: none of the {len(errors)} image(s) of --images {head['source']['images']} could be read "
+              f"(e.g. {errors[0]['path']}: {errors[0]['reason']}); all are listed in {out / 'errors.jsonl'}",
+              file=sys.stderr)
+        return 2
     return 0

@@ -94,9 +94,14 @@ def read_metrics_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             log.warning("%s: ignoring a line that is not JSON (a run killed while writing?)", path)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            log.warning("%s: ignoring a line that is not a JSON object", path)
     return rows
 
 
@@ -114,17 +119,20 @@ def open_run(path: str | Path, name: str | None = None) -> RunInput:
         raise ReportError(str(exc)) from None
     try:
         info = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReportError(f"{model_dir / 'config.json'}: cannot read model config: {exc}") from None
-    if info.get("format") != MODEL_FORMAT:
-        raise ReportError(f"{model_dir / 'config.json'}: not an {MODEL_FORMAT} config (format={info.get('format')!r})")
+    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise ReportError(f"{model_dir / 'config.json'}: not an {MODEL_FORMAT} config (format={found!r})")
     run_dir = model_dir.parent if (model_dir.parent / "metrics.jsonl").is_file() or (model_dir.parent / "run.json").is_file() else None
     run_json = None
     if run_dir is not None and (run_dir / "run.json").is_file():
         try:
             run_json = json.loads((run_dir / "run.json").read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             log.warning("%s: run.json is not JSON; ignored", run_dir)
+        if not isinstance(run_json, dict):
+            run_json = None
     if name is None:
         if run_dir is not None:
             name = run_dir.name
@@ -145,6 +153,31 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def run_sources(run: RunInput) -> dict[str, str]:
+    """run.json's `sources` (labeled, test, truth, ...), keeping only the string values: a
+    hand-edited run.json must not break a report."""
+    sources = (run.run_json or {}).get("sources")
+    return {k: v for k, v in sources.items() if isinstance(v, str) and v} if isinstance(sources, dict) else {}
+
+
+def read_split(run_dir: Path | None):
+    """The run's split.csv (path, split) as a DataFrame; None when absent or unreadable."""
+    import pandas as pd
+
+    split = run_dir / "split.csv" if run_dir is not None else None
+    if split is None or not split.is_file():
+        return None
+    try:
+        df = pd.read_csv(split)
+    except Exception as exc:  # cut short, not csv: the report goes on without it
+        log.warning("%s: unreadable (%s); ignored", split, exc)
+        return None
+    if not {"path", "split"} <= set(df.columns):
+        log.warning("%s: needs columns 'path' and 'split'; ignored", split)
+        return None
+    return df.astype({"path": str, "split": str})
+
+
 def load_truth(path: str | Path) -> dict[str, int]:
     """truth.parquet -> {real path of the image: true bracket}. Paths in the file are
     relative to the file's folder (absolute ones are kept)."""
@@ -159,7 +192,17 @@ def load_truth(path: str | Path) -> dict[str, int]:
         raise ReportError(f"{path}: cannot read truth file: {exc}") from None
     if "path" not in df.columns or not ({"bracket", "score"} & set(df.columns)):
         raise ReportError(f"{path}: a truth file needs columns 'path' and 'bracket' (or 'score'); it has {sorted(df.columns)}")
-    brackets = df["bracket"].to_numpy() if "bracket" in df.columns else bracket_of(df["score"].to_numpy())
+    bad = [i for i, p in enumerate(df["path"]) if not isinstance(p, str) or not p]
+    if bad:
+        raise ReportError(f"{path}: column 'path' must hold file names (strings); row {bad[0] + 1} holds "
+                          f"{df['path'].iloc[bad[0]]!r} ({len(bad)} such row(s))")
+    column = "bracket" if "bracket" in df.columns else "score"
+    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~((values >= 0) & (values <= NUM_BRACKETS - 1)))  # NaN fails too
+    if len(bad):
+        raise ReportError(f"{path}: column {column!r} must hold numbers 0-10; row {bad[0] + 1} ({df['path'].iloc[bad[0]]}) "
+                          f"holds {df[column].iloc[bad[0]]!r} ({len(bad)} such row(s))")
+    brackets = values.astype(np.int64) if column == "bracket" else bracket_of(values)
     base = path.parent
     return {os.path.realpath(p if os.path.isabs(p) else base / p): int(b) for p, b in zip(df["path"], brackets)}
 
@@ -169,13 +212,10 @@ def training_paths(run: RunInput) -> set[str] | None:
     labeled source in run.json); None when unknown."""
     if run.run_dir is None:
         return None
-    split = run.run_dir / "split.csv"
-    if split.is_file():
-        import pandas as pd
-
-        df = pd.read_csv(split)
+    df = read_split(run.run_dir)
+    if df is not None:
         return {os.path.realpath(p) for p in df.loc[df["split"] == "train", "path"]}
-    labeled = ((run.run_json or {}).get("sources") or {}).get("labeled")
+    labeled = run_sources(run).get("labeled")
     if not labeled or not Path(labeled).exists():
         return None
     from .data import MANIFEST_SUFFIXES, read_manifest, scan_labeled_folder
@@ -196,16 +236,13 @@ def test_set_identity(run: RunInput) -> str | None:
     """What the run evaluated on while training: its test source, or its carved split."""
     if run.run_dir is None:
         return None
-    test = ((run.run_json or {}).get("sources") or {}).get("test")
+    test = run_sources(run).get("test")
     if test:
         return f"source:{os.path.realpath(test)}"
-    split = run.run_dir / "split.csv"
-    if split.is_file():
+    df = read_split(run.run_dir)
+    if df is not None:
         import hashlib
 
-        import pandas as pd
-
-        df = pd.read_csv(split)
         paths = sorted(os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"])
         return "split:" + hashlib.sha1("\n".join(paths).encode()).hexdigest()
     return None
@@ -215,19 +252,25 @@ def test_set_identity(run: RunInput) -> str | None:
 
 
 def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int = 0, device="cpu",
-                  desc: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  desc: str | None = None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Softmax over the 11 logits for every row of `table` (a datasets table with `path` or
     `image`), in row order. Returns (probs N x 11, ok mask N, reason per row ('' if ok));
-    rows that could not be read have ok=False and NaN probabilities."""
+    rows that could not be read have ok=False and NaN probabilities. `model` must already
+    be on `device`; precision as export's --precision (auto: bf16 autocast on CUDA, fp32 on
+    CPU), the softmax always in float32."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from .data import EvalDataset, worker_init
+    from .export import resolve_precision
     from .transforms import eval_transform
 
     device = torch.device(device)
+    dtype = resolve_precision(precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     dataset = EvalDataset(table, eval_transform(info), int(info["image_size"]))
+    # pinned pages only where a GPU copies from them (non_blocking below)
     loader = DataLoader(dataset, batch_size=int(batch_size), num_workers=int(workers), shuffle=False,
                         worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda")
     n = len(dataset)
@@ -244,9 +287,13 @@ def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int =
                     reasons[i] = r
             if not good.any():
                 continue
-            x = batch["x"][torch.from_numpy(good)].to(device, non_blocking=True)
-            logits = model(x)["logits"]
-            probs[idx[good]] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            # The whole pinned batch goes over without waiting (a masked copy would be pageable);
+            # the zero tensors of unreadable rows are dropped after.
+            x = batch["x"].to(device, non_blocking=True)
+            with autocast:
+                logits = model(x)["logits"]
+            p = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # float32 on the host: numpy has no bf16
+            probs[idx[good]] = p[good]
             ok[idx[good]] = True
     return probs, ok, reasons
 
@@ -281,6 +328,10 @@ PLOT_RC = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "figure.dpi": 100,
+    # Every string drawn is literal text: file and run names such as "x$_a_b$.png" are not
+    # TeX (mathtext would stop the report on them, or set them in italics).
+    "text.parse_math": False,
+    "text.usetex": False,
 }
 RUN_STYLES = ["-", "--", ":", "-."]
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -411,7 +462,8 @@ def plot_curves(histories: dict[str, list[dict]]):
         for i, key in enumerate(keys):
             ax = fig.add_subplot(rows, cols, i + 1)
             for j, (name, hist) in enumerate(histories.items()):
-                pts = [(r["step"], r[key]) for r in hist if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                pts = [(r["step"], r[key]) for r in hist if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+                       and isinstance(r.get("step"), (int, float))]
                 if pts:
                     s, v = zip(*pts)
                     # dashes and shrinking markers keep runs with equal values visible
@@ -573,6 +625,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
+def unique_slugs(names: list[str]) -> dict[str, str]:
+    """name -> file-name part; names that slug alike ('a$b', 'a_b') get -2, -3, ..."""
+    slugs: dict[str, str] = {}
+    for n in names:
+        base = slug = _slug(n)
+        i = 2
+        while slug in slugs.values():
+            slug, i = f"{base}-{i}", i + 1
+        slugs[n] = slug
+    return slugs
+
+
+def _read_input(flag: str, source, load):
+    """load(), with any failure but the data module's own clear ones said as a ReportError
+    that names the flag and the source."""
+    from .data import DataSourceError, LabeledSetError
+
+    try:
+        return load()
+    except (ReportError, DataSourceError, LabeledSetError):
+        raise
+    except Exception as exc:
+        raise ReportError(f"{flag} {source}: cannot read it ({type(exc).__name__}: {exc})") from None
+
+
 def _clean(value):
     """JSON-safe: NaN/inf -> null, numpy -> python."""
     if isinstance(value, dict):
@@ -601,32 +678,39 @@ def best_runs(values: dict[str, float], better: str | None) -> set[str]:
 
 def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool: str | Path | None = None,
                  truth: str | Path | None = None, batch_size: int = 64, top_k: int | None = None, grid: int = 12,
-                 workers: int | None = None, device: str | None = None, pool_limit: int | None = None) -> dict:
+                 workers: int | None = None, device: str | None = None, pool_limit: int | None = None,
+                 precision: str = "auto") -> dict:
     """Score `data` (and `pool`) with every run and write the report into `out`.
 
     Returns what metrics.json holds. Raises ReportError / LabeledSetError / DataSourceError
-    on bad inputs before anything is written."""
+    on bad inputs before anything is written. `device`: auto (None), cpu, cuda or cuda:N;
+    `precision`: auto (bf16 autocast on CUDA), fp32, bf16 or fp16."""
     import pandas as pd
-    import torch
 
     from .data import load_pool, load_scored_set
+    from .export import resolve_device
     from .models import load_model_folder
 
     if not runs:
         raise ReportError("give at least one run or model folder")
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: exists and is not a folder")
     inputs = [open_run(r) for r in runs]
     for inp, name in zip(inputs, unique_names([i.name for i in inputs])):
         inp.name = name
     truth_file = Path(truth) if truth else None
     if truth_file is not None and not truth_file.is_file():
         raise ReportError(f"truth file not found: {truth_file}")
-    scored = load_scored_set(data)  # validated whole: a bad image stops here with the full list
-    pool_table = load_pool(str(pool), limit=pool_limit) if pool else None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # validated whole: a bad image stops here with the full list
+    scored = _read_input("--data", data, lambda: load_scored_set(data))
+    pool_table = _read_input("--pool", pool, lambda: load_pool(str(pool), limit=pool_limit)) if pool else None
     workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = list(scored["path"])
     true_score = np.asarray(scored["score"], dtype=np.float64)
     true_bracket = bracket_of(true_score)
@@ -644,7 +728,8 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
             model, _ = load_model_folder(inp.model_dir, device=device)
         except Exception as exc:
             raise ReportError(f"{inp.model_dir}: cannot load the model: {type(exc).__name__}: {exc}") from None
-        probs, ok, reasons = predict_probs(model, inp.info, scored, batch_size, workers, device, desc=f"score {inp.name}")
+        probs, ok, reasons = predict_probs(model, inp.info, scored, batch_size, workers, device, desc=f"score {inp.name}",
+                                           precision=precision)
         if not ok.all():  # validated above; the files changed under us
             bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
             raise ReportError(f"{len(bad)} scored image(s) became unreadable: " + "; ".join(bad[:5]))
@@ -671,7 +756,8 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
         pred_frames.append(frame)
 
         if pool_table is not None:
-            pprobs, pok, preasons = predict_probs(model, inp.info, pool_table, batch_size, workers, device, desc=f"pool {inp.name}")
+            pprobs, pok, preasons = predict_probs(model, inp.info, pool_table, batch_size, workers, device,
+                                                  desc=f"pool {inp.name}", precision=precision)
             from .data import row_name
 
             if pool_paths is None:
@@ -680,6 +766,9 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
                      ((i, row_name(pool_table[i])) for i in range(len(pool_table)))]
             for i in np.flatnonzero(~pok):
                 pool_skipped.setdefault(int(i), (pool_paths[i], preasons[i]))
+            if not pok.any():  # a wrong folder or a format nobody can read: no pool part to show
+                name, why = pool_skipped[min(pool_skipped)]
+                raise ReportError(f"--pool {pool}: none of its {len(pok)} image(s) could be read (e.g. {name}: {why})")
             pprobs = pprobs[pok]
             kept = [p for p, g in zip(pool_paths, pok) if g]
             pscore = expected_score(pprobs)
@@ -730,9 +819,10 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
             images[key] = Png(file, figure_png(fig))
 
     names = list(results)
+    slugs = unique_slugs(names)
     cols = 6
     for name, r in results.items():
-        s = _slug(name)
+        s = slugs[name]
         probs = r["probs"]
         keep(f"confusion/{name}", f"confusion_{s}.png", plot_confusion(true_bracket, probs.argmax(1)))
         keep(f"hist/{name}", f"score_hist_{s}.png", plot_score_histogram(true_score, probs))
@@ -749,8 +839,12 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
         keep("curves", "training_curves.png", plot_curves(histories))
     if pool_table is not None:
         keep("pool", "pool_histogram.png", plot_pool_histogram({n: r["pool"]["percent"] for n, r in results.items()}))
+    try:  # created only now: inputs that fail above leave no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot create the folder ({exc})") from None
     for img in images.values():
-        (out / img.file).write_bytes(img.data)
+        _atomic_write(out / img.file, img.data)
 
     # ---- tables and files
     best = {key: sorted(best_runs({n: results[n]["metrics"].get(key) for n in names}, better))
@@ -773,15 +867,15 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
             r["pool"] = {kk: v for kk, v in r["pool"].items() if kk != "percent"}
     report = _clean(report)
     _atomic_write(out / "metrics.json", json.dumps(report, indent=1).encode())
-    pd.concat(pred_frames, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
+    _atomic_write(out / "predictions.parquet", _parquet_bytes(pd.concat(pred_frames, ignore_index=True)))
     if pool_frames:
-        pd.concat(pool_frames, ignore_index=True).to_parquet(out / "pool_predictions.parquet", index=False)
+        _atomic_write(out / "pool_predictions.parquet", _parquet_bytes(pd.concat(pool_frames, ignore_index=True)))
     _atomic_write(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
     return report
 
 
 def _run_truth(inp: RunInput) -> Path | None:
-    t = ((inp.run_json or {}).get("sources") or {}).get("truth")
+    t = run_sources(inp).get("truth")
     return Path(t) if t and Path(t).is_file() else None
 
 
@@ -807,14 +901,12 @@ def _data_notes(inputs: list[RunInput], data, paths: list[str]) -> list[str]:
                      + "): their training curves do not compare directly. The table below scores every run on the same "
                      f"set, {data}.")
     for inp in inputs:
-        test = ((inp.run_json or {}).get("sources") or {}).get("test")
+        test = run_sources(inp).get("test")
         if test and os.path.realpath(test) != os.path.realpath(str(data)):
             notes.append(f"{inp.name}: evaluated during training on {test}; this report scores {data}.")
         elif not test and (ids.get(inp.name) or "").startswith("split:"):
-            import pandas as pd
-
-            df = pd.read_csv(inp.run_dir / "split.csv")
-            if {os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"]} != real:
+            df = read_split(inp.run_dir)
+            if df is not None and {os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"]} != real:
                 notes.append(f"{inp.name}: evaluated during training on the test split carved from its labeled set "
                              f"(split.csv); this report scores {data}.")
     sizes = {inp.info.get("image_size") for inp in inputs}
@@ -827,6 +919,12 @@ def _describe_test(identity: str, inp: RunInput) -> str:
     if identity.startswith("source:"):
         return identity[len("source:"):]
     return f"split carved from its labeled set ({identity[6:14]})"
+
+
+def _parquet_bytes(frame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
