@@ -200,9 +200,14 @@ def source_identity(pool, source: str, streaming: bool) -> dict:
         return {"source": source, "kind": "stream", "rows": None, "digest": hashlib.sha256(source.encode()).hexdigest()}
     cols = set(pool.column_names)
     if "path" in cols and "image" not in cols:
-        paths = pool.select_columns(["path"]).with_format("arrow")[:].column("path").to_pylist()
-        digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
-        kind = "files"
+        # Batch by batch (a 10M-row pool is never one Python list); the digest is that of
+        # the whole newline-joined column, as before.
+        h, first = hashlib.sha256(), True
+        for batch in pool.select_columns(["path"]).with_format("arrow").iter(batch_size=65536):
+            text = "\n".join(map(str, batch.column("path").to_pylist()))
+            h.update((text if first else "\n" + text).encode())
+            first = False
+        digest, kind = h.hexdigest(), "files"
     else:
         # A saved/Hub dataset: its `datasets` fingerprint changes whenever its content does.
         digest = hashlib.sha256(f"{pool._fingerprint}:{len(pool)}".encode()).hexdigest()
