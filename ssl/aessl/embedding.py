@@ -450,7 +450,10 @@ class FeatureCache:
 
     def __del__(self):
         if getattr(self, "_open", None):
-            self.close()
+            try:
+                self.close()
+            except (AttributeError, TypeError, OSError):  # at interpreter exit `os` may be gone already
+                pass
 
     def __getstate__(self):  # a copy in another process opens its own files
         return {**self.__dict__, "_open": OrderedDict()}
