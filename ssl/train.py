@@ -274,8 +274,11 @@ def main(argv=None) -> int:
             stream = StreamingPool(pool, weak, strong, int(cfg.seed), rank, world, index_size, batch_size=ubsz,
                                    start_batch=stream_batches)
             ulb_iter = iter(loader(stream, ubsz))
+        # Its own generator: a loader with workers draws a base seed each time it is iterated,
+        # and from the global generator that would make dropout depend on the eval cadence.
         test_loader = DataLoader(EvalDataset(test_set.select(test_rows), eval_transform(info), int(dcfg.image_size)),
-                                 batch_size=int(cfg.eval.batch_size), num_workers=min(workers, 2))
+                                 batch_size=int(cfg.eval.batch_size), num_workers=min(workers, 2),
+                                 generator=torch.Generator().manual_seed(0))
     test_scores = np.asarray(test_set["score"], dtype=np.float64)
 
     def note_skipped(items):

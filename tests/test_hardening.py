@@ -303,3 +303,15 @@ def test_entirely_unreadable_pool_is_a_clear_error(toy_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "every image in the unlabeled set is unreadable (3 of 3)" in err and "Traceback" not in err
     assert not run.exists()
+
+
+def test_eval_cadence_does_not_change_training(toy_data, tmp_path):
+    """Evaluation draws no random numbers from the training's generators, so a resumed run
+    may change train.eval_every (it is a harmless key) and still learn the same model."""
+    common = [*data_args(toy_data), "data.num_workers=2", "model.drop_rate=0.3", "train.steps=4", "train.save_every=4"]
+    assert train_in_process(*common, "train.eval_every=1", f"output_dir={tmp_path / 'often'}") == 0
+    assert train_in_process(*common, "train.eval_every=4", f"output_dir={tmp_path / 'once'}") == 0
+    a, b = read_metrics(tmp_path / "often")[-1], read_metrics(tmp_path / "once")[-1]
+    evaluated = [k for k in a if k in ("mae", "qwk", "spearman", "accuracy", "false_positive_rate") or
+                 k.startswith("recall_")]  # the rest are training figures averaged since the last evaluation
+    assert len(evaluated) > 10 and {k: a[k] for k in evaluated} == {k: b[k] for k in evaluated}
