@@ -27,6 +27,7 @@ from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
 from test_report import report_main
 from test_train import read_metrics, train_in_process
 
+from aessl import data as data_module
 from aessl import embedding as emb
 from aessl.config import load_config
 from aessl.data import load_pool, load_scored_set
@@ -213,7 +214,8 @@ def test_saved_dataset_pool_is_read_in_chunks_and_matches_the_same_images_as_a_f
     assert reasons == [["not an image (unrecognised format)"]] * 2
 
     # a pass over the saved pool holds a couple of rows' bytes at a time, never the whole pool's
-    monkeypatch.setattr(emb, "SOURCE_CHUNK", 2)
+    monkeypatch.setattr(emb, "SOURCE_CHUNK", 2)  # hashing chunks
+    monkeypatch.setattr(data_module, "SOURCE_CHUNK", 2)  # table reads
     total = sum(os.path.getsize(p) for p in as_folder["path"])
     tracemalloc.start()
     try:

@@ -33,6 +33,7 @@ import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -564,6 +565,35 @@ def row_source(row: dict):
 
 def row_name(row: dict) -> str:
     return describe(row_source(row))
+
+
+SOURCE_CHUNK = 256  # table rows read at a time: bounds the image bytes held in memory
+
+
+class TableSources:
+    """What load_image takes for each row of a datasets table, read from the table on demand:
+    a saved or Hub pool holds its image bytes in the table, and millions of them must never
+    be in one Python list."""
+
+    def __init__(self, table):
+        self.table = table.select_columns([c for c in ("image", "path") if c in table.column_names])
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row: int):
+        return row_source(self.table[int(row)])
+
+    def iter(self, rows: range | None = None) -> Iterator:
+        """Sources of `rows` (all rows by default) in order, read SOURCE_CHUNK rows at a time."""
+        rows = range(len(self.table)) if rows is None else rows
+        for s in range(0, len(rows), SOURCE_CHUNK):
+            part = rows[s:s + SOURCE_CHUNK]
+            # a step-1 range reads as one contiguous slice of the arrow table
+            batch = self.table[part.start:part.stop] if part.step == 1 else self.table[list(part)]
+            names = list(batch)
+            for values in zip(*(batch[k] for k in names)):
+                yield row_source(dict(zip(names, values)))
 
 
 # --------------------------------------------------------------------------- torch datasets

@@ -53,7 +53,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import row_source, seed_everything_for
+from .data import SOURCE_CHUNK, TableSources, row_source, seed_everything_for
 from .images import UnreadableImage, describe, load_image
 from .locks import FolderLock, FolderLocked
 from .metrics import NUM_BRACKETS, bracket_of
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 2  # 2: the key also covers the architecture, its kwargs and the storage dtype
 HASH_CHARS = 32
-SOURCE_CHUNK = 256  # table rows read (and hashed) at a time: bounds the image bytes held in memory
 MAX_OPEN_SHARDS = 32  # shard files kept open while training: open files must not grow with the cache
 
 
@@ -300,32 +299,6 @@ class ContentHasher:
         if rows:
             con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", rows)
             con.commit()
-
-
-class TableSources:
-    """What load_image takes for each row of a datasets table, read from the table on demand:
-    a saved or Hub pool holds its image bytes in the table, and millions of them must never
-    be in one Python list."""
-
-    def __init__(self, table):
-        self.table = table.select_columns([c for c in ("image", "path") if c in table.column_names])
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, row: int):
-        return row_source(self.table[int(row)])
-
-    def iter(self, rows: range | None = None) -> Iterator:
-        """Sources of `rows` (all rows by default) in order, read SOURCE_CHUNK rows at a time."""
-        rows = range(len(self.table)) if rows is None else rows
-        for s in range(0, len(rows), SOURCE_CHUNK):
-            part = rows[s:s + SOURCE_CHUNK]
-            # a step-1 range reads as one contiguous slice of the arrow table
-            batch = self.table[part.start:part.stop] if part.step == 1 else self.table[list(part)]
-            names = list(batch)
-            for values in zip(*(batch[k] for k in names)):
-                yield row_source(dict(zip(names, values)))
 
 
 # --------------------------------------------------------------------------- the cache

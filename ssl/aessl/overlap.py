@@ -12,7 +12,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from .data import row_source
+from .data import TableSources
 
 EXAMPLES = 5
 
@@ -90,14 +90,6 @@ class TestIndex:
                 "test_images": len(self.paths), "examples": examples}
 
 
-def table_sources(table, batch_size: int = 4096):
-    """Image sources of a datasets table, read a batch at a time (never all at once)."""
-    for batch in table.iter(batch_size=batch_size):
-        cols = list(batch)
-        for i in range(len(batch[cols[0]])):
-            yield row_source({k: batch[k][i] for k in cols if k in ("image", "path")})
-
-
 def check_leakage(test_paths: list[str], train_paths: list[str] | None, pool) -> dict:
     """Overlap of the test set with the training set and with the pool (None where there is
     nothing to compare; a streamed pool is not read twice and is reported as unchecked)."""
@@ -107,7 +99,7 @@ def check_leakage(test_paths: list[str], train_paths: list[str] | None, pool) ->
         out["test_vs_train"] = index.matches(train_paths)
     if pool is not None:
         if hasattr(pool, "__len__"):
-            out["test_vs_pool"] = index.matches(table_sources(pool))
+            out["test_vs_pool"] = index.matches(TableSources(pool).iter())
         else:
             out["test_vs_pool"] = {"checked": False, "why": "streamed pool: not read ahead of training"}
     return out
