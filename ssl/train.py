@@ -427,14 +427,14 @@ def resume_refusal(run_dir: Path, checkpoint: Path, cfg, world: int) -> str | No
     from aessl.runfolder import resume_changes
 
     stored_file = run_dir / "config.yaml"
-    if stored_file.is_file():
-        changed = resume_changes(yaml.safe_load(stored_file.read_text()) or {}, to_dict(cfg), DEFAULTS)
+    stored = (yaml.safe_load(stored_file.read_text()) or {}) if stored_file.is_file() else None
+    if stored is not None:
+        changed = resume_changes(stored, to_dict(cfg), DEFAULTS)
         if changed:
             return (f"{run_dir} was trained with other settings; a resumed run must keep them (or start a new "
                     "output_dir=). Changed: " + "; ".join(changed))
-    if cfg.data.streaming and stored_file.is_file():
-        stored_workers = (yaml.safe_load(stored_file.read_text()) or {}).get("data", {}).get("num_workers")
-        if stored_workers is not None and int(stored_workers) != int(cfg.data.num_workers):
+        stored_workers = stored.get("data", {}).get("num_workers")
+        if cfg.data.streaming and stored_workers is not None and int(stored_workers) != int(cfg.data.num_workers):
             return (f"{run_dir} streams its pool with data.num_workers={stored_workers}; each worker reads its own "
                     "part of the stream, so resume with the same number")
     saved_world = json.loads((checkpoint / "progress.json").read_text()).get("num_processes", world)
