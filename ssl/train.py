@@ -262,7 +262,9 @@ def main(argv=None) -> int:
         lb_iter = iter(feature_loader(emb.FeatureDraws(tables["train"], "labeled", K, scores=train_set["score"],
                                                        seed=int(cfg.seed), stream=0), bsz, start_micro))
         if uses_pool:
-            ulb_iter = iter(feature_loader(emb.FeatureDraws(tables["pool"], "unlabeled", K, seed=int(cfg.seed), stream=1),
+            ulb_iter = iter(feature_loader(emb.FeatureDraws(tables["pool"], "unlabeled", K, seed=int(cfg.seed), stream=1,
+                                                            strong_view=str(cfg.embed.strong_view),
+                                                            strong_noise=float(cfg.embed.strong_noise)),
                                            ubsz, start_micro))
         test_loader = feature_loader(emb.FeatureEval(tables["test"], test_rows), int(cfg.eval.batch_size))
     else:

@@ -67,6 +67,12 @@ DEFAULTS = {
     },
     "embed": {  # embedding mode's feature cache (ssl/embed.py fills it; train.py fills what is missing)
         "views": 2,  # K weak and K strong augmented views cached per image, besides the eval view
+        # the strong side of each unlabeled pair: strong = a cached RandAugment view; weak =
+        # another cached weak view (a frozen backbone's features of RandAugment views lose the
+        # bracket: docs/embedding_ssl_diagnosis.md); strong_noise adds Gaussian noise of that
+        # many feature stds to it
+        "strong_view": "strong",
+        "strong_noise": 0.0,
         "seed": 0,  # seeds the views and a random-init backbone; not the run's seed, so runs share a cache
         "batch_size": 64,  # images per forward pass (each brings 1 + 2K views)
         "shard_size": 2048,  # images per cache shard: the unit a killed pass loses
@@ -159,6 +165,7 @@ CHOICES = {
     "model.mode": ("image", "embedding"),
     "model.head": ("linear", "mlp", "residual_mlp"),
     "embed.dtype": ("float16", "float32"),
+    "embed.strong_view": ("strong", "weak"),
     "train.optimizer": ("adamw", "sgd"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -181,6 +188,7 @@ RANGES = {
     "embed.views": (1, None, True, True),
     "embed.batch_size": (1, None, True, True),
     "embed.shard_size": (1, None, True, True),
+    "embed.strong_noise": (0.0, None, True, True),
     "algorithm.lambda_u": (0.0, None, True, True),
     "train.steps": (1, None, True, True),
     "train.batch_size": (1, None, True, True),

@@ -814,9 +814,11 @@ class FeatureDraws(Dataset):
     epoch permutation, and a view chosen per draw; batched with __getitems__ (no per-row
     Python), so the DataLoader's collate is the identity."""
 
-    def __init__(self, feats: FeatureTable, kind: str, views: int, scores=None, seed: int = 0, stream: int = 0):
+    def __init__(self, feats: FeatureTable, kind: str, views: int, scores=None, seed: int = 0, stream: int = 0,
+                 strong_view: str = "strong", strong_noise: float = 0.0):
         self.feats, self.kind, self.views = feats, kind, int(views)
         self.seed, self.stream = int(seed), int(stream)
+        self.strong_view, self.strong_noise = strong_view, float(strong_noise)
         self.n = len(feats)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
         self._perms = {}
@@ -844,10 +846,29 @@ class FeatureDraws(Dataset):
                     "x_lb": torch.from_numpy(self.feats.gather(idx, 1 + rng.integers(0, K, len(idx)))),
                     "y_lb": torch.from_numpy(bracket_of(score).astype(np.int64)),
                     "y_score": torch.from_numpy(score), "skipped": []}
+        weak = rng.integers(0, K, len(idx))
         return {"idx_ulb": torch.from_numpy(idx),
-                "x_ulb_w": torch.from_numpy(self.feats.gather(idx, 1 + rng.integers(0, K, len(idx)))),
-                "x_ulb_s": torch.from_numpy(self.feats.gather(idx, 1 + K + rng.integers(0, K, len(idx)))),
+                "x_ulb_w": torch.from_numpy(self.feats.gather(idx, 1 + weak)),
+                "x_ulb_s": torch.from_numpy(self.strong(idx, weak, rng)),
                 "skipped": []}
+
+    def strong(self, idx: np.ndarray, weak: np.ndarray, rng) -> np.ndarray:
+        """The "strong" side of each unlabeled pair (embed.strong_view):
+        strong  a cached RandAugment view (USB's recipe, made for a backbone that trains);
+        weak    another cached weak view (the other one when K >= 2): a frozen backbone
+                cannot make its features invariant to RandAugment + cutout, and those views
+                lose the bracket (docs/embedding_ssl_diagnosis.md);
+        plus, for any choice, Gaussian noise of embed.strong_noise x each row's feature std."""
+        K = self.views
+        if self.strong_view == "weak":
+            other = (weak + rng.integers(1, K, len(idx))) % K if K > 1 else weak
+            x = self.feats.gather(idx, 1 + other)
+        else:
+            x = self.feats.gather(idx, 1 + K + rng.integers(0, K, len(idx)))
+        if self.strong_noise > 0:
+            scale = self.strong_noise * x.std(axis=1, keepdims=True)
+            x = x + scale * rng.standard_normal(x.shape, dtype=np.float32)
+        return x.astype(np.float32, copy=False)
 
 
 class FeatureEval(Dataset):
