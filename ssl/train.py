@@ -48,6 +48,7 @@ def main(argv=None) -> int:
 
     from aessl import algorithms as algos
     from aessl import checkpoints as ckpt
+    from aessl import pseudo as pseudo_labels
     from aessl import runfolder
     from aessl.data import (DrawBatchSampler, DrawDataset, EvalDataset, StreamingPool, bracket_histogram, collate,
                             load_pool, load_scored_set, pool_length, split_by_image, worker_init)
@@ -142,6 +143,13 @@ def main(argv=None) -> int:
     refusal = report_leakage(leakage, log, allow=bool(dcfg.allow_test_overlap))
     if refusal:
         return fail(refusal)
+    # An export's rows join the labels with soft targets (data.pseudo_labels; aessl/pseudo.py).
+    pseudo, pseudo_info = None, None
+    if dcfg.pseudo_labels:
+        pseudo, pseudo_info, refusal = pseudo_labels.prepare(cfg, train_set, test_set, run_dir if resume_from is not None else None,
+                                                             accelerator.is_main_process, lambda v: broadcast_value(v, world))
+        if refusal:
+            return fail(refusal)
 
     # ---------------------------------------------------------------- embedding mode: cached features
     # The frozen backbone's features of every image (eval view, K weak, K strong) come from the
@@ -151,7 +159,8 @@ def main(argv=None) -> int:
         from aessl import embedding as emb
 
         try:
-            feats = emb.prepare_features(cfg, accelerator, {"train": train_set, "test": test_set, "pool": pool},
+            feats = emb.prepare_features(cfg, accelerator, {"train": train_set, "test": test_set, "pool": pool,
+                                                            **({"pseudo": pseudo.table} if pseudo is not None else {})},
                                          int(dcfg.num_workers))
         except (emb.EmbeddingError, WeightsUnavailable, FolderLocked) as exc:
             return fail(str(exc))
@@ -160,6 +169,9 @@ def main(argv=None) -> int:
             return fail("scored images missing from the embedding cache:\n" + "\n".join(f"  - {n}: {r}" for n, r in lost))
         if pool is not None:
             pool_size = len(feats["tables"]["pool"])
+        lb_features = (feats["tables"]["train"], train_set["score"], None)  # (table, scores, soft targets)
+        if pseudo is not None:
+            lb_features = pseudo.feature_stream(feats, train_set["score"])
 
     # ---------------------------------------------------------------- model, EMA, optimiser, algorithm
     try:
@@ -228,7 +240,7 @@ def main(argv=None) -> int:
             "train_histogram": lb_hist.astype(int).tolist(), "algorithm": cfg.algorithm.name,
             "resumed_from": str(resume_from) if resume_from else None,
             "embedding": feats["stats"] if embedding else None, "leakage": leakage,
-            "split_seed": None if src["test"] else int(dcfg.split_seed),
+            "split_seed": None if src["test"] else int(dcfg.split_seed), "pseudo_labels": pseudo_info,
         }, indent=1))
         runfolder.keep_metrics_up_to(run_dir, start_step)  # later evaluations will be redone
     if accelerator.log_with:
@@ -259,8 +271,9 @@ def main(argv=None) -> int:
     test_rows = np.arange(rank, len(test_set), world)  # each process scores its own share
     if embedding:
         K, tables = int(cfg.embed.views), feats["tables"]
-        lb_iter = iter(feature_loader(emb.FeatureDraws(tables["train"], "labeled", K, scores=train_set["score"],
-                                                       seed=int(cfg.seed), stream=0), bsz, start_micro))
+        lb_iter = iter(feature_loader(emb.FeatureDraws(lb_features[0], "labeled", K, scores=lb_features[1],
+                                                       targets=lb_features[2], seed=int(cfg.seed), stream=0),
+                                      bsz, start_micro))
         if uses_pool:
             ulb_iter = iter(feature_loader(emb.FeatureDraws(tables["pool"], "unlabeled", K, seed=int(cfg.seed), stream=1,
                                                             strong_view=str(cfg.embed.strong_view),
@@ -269,7 +282,9 @@ def main(argv=None) -> int:
         test_loader = feature_loader(emb.FeatureEval(tables["test"], test_rows), int(cfg.eval.batch_size))
     else:
         weak, strong = train_transforms(info, cfg.augment)
-        lb_iter = iter(loader(DrawDataset(train_set, "labeled", weak, seed=int(cfg.seed), stream=0), bsz, start_micro))
+        lb_table, lb_targets = (train_set, None) if pseudo is None else pseudo.image_stream(train_set)
+        lb_iter = iter(loader(DrawDataset(lb_table, "labeled", weak, seed=int(cfg.seed), stream=0, targets=lb_targets),
+                              bsz, start_micro))
         if uses_pool and hasattr(pool, "__len__"):
             ulb_iter = iter(loader(DrawDataset(pool, "unlabeled", weak, strong, seed=int(cfg.seed), stream=1), ubsz, start_micro))
         elif uses_pool:

@@ -38,6 +38,13 @@ DEFAULTS = {
         # Slots for per-image algorithm state (FlexMatch) when a streamed pool has no known
         # length: images are placed by a hash of their name.
         "stream_index_size": 1048576,
+        # Soft labelling from an export (ssl/aessl/pseudo.py): the labeled stream draws from the
+        # labels plus the rows of an export folder written by ssl/export.py (or a list of them),
+        # each with the export's bracket probabilities as its soft target. null = labels only.
+        "pseudo_labels": None,
+        "pseudo_weight": 1.0,  # loss weight of a pseudo row relative to a labeled one (0: labels only)
+        "pseudo_band": None,  # [low, high] in score percent (the export's score_percent); null = all
+        "pseudo_accepted_only": True,  # only rows the export's per-bracket thresholds accepted
         "synthetic": {  # the built-in demo data, generated once into cache_dir
             "labeled": 3080,
             "unlabeled": 20000,
@@ -179,6 +186,7 @@ RANGES = {
     "data.num_workers": (0, None, True, True),
     "data.max_unlabeled": (1, None, True, True),
     "data.stream_index_size": (1, None, True, True),
+    "data.pseudo_weight": (0.0, None, True, True),
     "augment.weak_scale_min": (0.0, 1.0, False, True),
     "augment.strong_n": (0, None, True, True),
     "augment.strong_m": (0, 10, True, True),
@@ -273,6 +281,31 @@ def check_types(cfg) -> None:
                 OmegaConf.update(cfg, key, coerced)
         elif key == "data.max_unlabeled" and value is not None:
             OmegaConf.update(cfg, key, _as_number(key, value, int))
+    _check_pseudo_keys(cfg)
+
+
+def _check_pseudo_keys(cfg) -> None:
+    """data.pseudo_labels: null, a folder, or a non-empty list of folders; data.pseudo_band:
+    null or [low, high] percents with 0 <= low <= high <= 100."""
+    folders = OmegaConf.select(cfg, "data.pseudo_labels")
+    if folders is not None:
+        items = list(folders) if OmegaConf.is_list(folders) or isinstance(folders, (list, tuple)) else [folders]
+        if not items or not all(isinstance(f, str) and f.strip() for f in items):
+            raise ConfigError(f"data.pseudo_labels={_plain(folders)!r} must be null, an export folder written by "
+                              "ssl/export.py, or a list of them")
+    band = OmegaConf.select(cfg, "data.pseudo_band")
+    if band is not None:
+        if not (OmegaConf.is_list(band) or isinstance(band, (list, tuple))) or len(band) != 2:
+            raise ConfigError(f"data.pseudo_band={_plain(band)!r} must be null or [low, high] in score percent "
+                              "(e.g. [50, 100])")
+        low, high = (_as_number("data.pseudo_band", v, float) for v in band)
+        if not 0.0 <= low <= high <= 100.0:
+            raise ConfigError(f"data.pseudo_band={[low, high]!r} must satisfy 0 <= low <= high <= 100 (percents)")
+        OmegaConf.update(cfg, "data.pseudo_band", [low, high], merge=False)
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _is_open(cfg, parent: str) -> bool:

@@ -612,17 +612,21 @@ class DrawDataset(Dataset):
 
     kind='labeled' returns x_lb (weak), y_lb (bracket), y_score; kind='unlabeled' returns
     x_ulb_w, x_ulb_s. An unreadable image is replaced by the next image of the same
-    epoch's order and reported in `skipped` as (name, reason)."""
+    epoch's order and reported in `skipped` as (name, reason).
+
+    `targets` ([n, 11] float, labeled only) replaces the bracket by a soft target per row
+    (pseudo.py: one-hot brackets for labels, weighted export probabilities for pseudo rows)."""
 
     MAX_RETRIES = 64
 
-    def __init__(self, table, kind: str, weak, strong=None, seed: int = 0, stream: int = 0):
+    def __init__(self, table, kind: str, weak, strong=None, seed: int = 0, stream: int = 0, targets=None):
         self.table = table
         self.kind = kind
         self.weak, self.strong = weak, strong
         self.seed, self.stream = int(seed), int(stream)
         self.n = len(table)
         self._perm_epoch, self._perm = None, None
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
         if kind == "labeled":
             self.scores = np.asarray(table["score"], dtype=np.float32)
 
@@ -655,7 +659,7 @@ class DrawDataset(Dataset):
             return {
                 "idx_lb": idx,
                 "x_lb": self.weak(img),
-                "y_lb": int(bracket_of(score)),
+                "y_lb": int(bracket_of(score)) if self.targets is None else torch.tensor(self.targets[idx]),
                 "y_score": score,
                 "skipped": skipped,
             }

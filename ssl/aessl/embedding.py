@@ -663,6 +663,16 @@ class FeatureTable:
     def __len__(self):
         return len(self.rows)
 
+    @classmethod
+    def join(cls, *tables: "FeatureTable") -> "FeatureTable":
+        """One table of several tables' rows, in order (the labeled set then pseudo rows:
+        pseudo.py); all read from the same cache. `rows` are then positions in the join."""
+        out = cls(tables[0].cache, [], np.zeros(0, dtype=np.int64))
+        out.shard_of = np.concatenate([t.shard_of for t in tables])
+        out.row_of = np.concatenate([t.row_of for t in tables])
+        out.rows = np.arange(len(out.shard_of), dtype=np.int64)
+        return out
+
     def gather(self, idx: np.ndarray, view: np.ndarray | int) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         view = np.broadcast_to(np.asarray(view, dtype=np.int64), idx.shape)
@@ -815,12 +825,13 @@ class FeatureDraws(Dataset):
     Python), so the DataLoader's collate is the identity."""
 
     def __init__(self, feats: FeatureTable, kind: str, views: int, scores=None, seed: int = 0, stream: int = 0,
-                 strong_view: str = "strong", strong_noise: float = 0.0):
+                 strong_view: str = "strong", strong_noise: float = 0.0, targets=None):
         self.feats, self.kind, self.views = feats, kind, int(views)
         self.seed, self.stream = int(seed), int(stream)
         self.strong_view, self.strong_noise = strong_view, float(strong_noise)
         self.n = len(feats)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)  # [n, 11], labeled only
         self._perms = {}
 
     def __len__(self):
@@ -842,9 +853,11 @@ class FeatureDraws(Dataset):
         K = self.views
         if self.kind == "labeled":
             score = self.scores[idx]
+            # soft targets per row where given (pseudo.py), else the bracket, as data.DrawDataset
+            y_lb = bracket_of(score).astype(np.int64) if self.targets is None else self.targets[idx]
             return {"idx_lb": torch.from_numpy(idx),
                     "x_lb": torch.from_numpy(self.feats.gather(idx, 1 + rng.integers(0, K, len(idx)))),
-                    "y_lb": torch.from_numpy(bracket_of(score).astype(np.int64)),
+                    "y_lb": torch.from_numpy(y_lb),
                     "y_score": torch.from_numpy(score), "skipped": []}
         weak = rng.integers(0, K, len(idx))
         return {"idx_ulb": torch.from_numpy(idx),

@@ -37,7 +37,8 @@ def _size(path: str) -> int | None:
 
 
 class TestIndex:
-    """The test set's real paths, sizes and content hashes."""
+    """The test set's real paths, sizes and content hashes (or any set of images': the
+    pseudo-label reader indexes the labeled set with it too)."""
 
     def __init__(self, paths: list[str], workers: int = 8):
         self.paths = list(paths)
@@ -48,36 +49,37 @@ class TestIndex:
         self.by_digest = {d: p for d, p in zip(digests, self.paths) if d}
         self.sizes = {s for s in sizes if s is not None}
 
+    def match(self, src):
+        """('file' | 'content', indexed path, src's name) when the image source `src` (a path,
+        or a datasets {'bytes', 'path'} dict) is one of the indexed images, else None."""
+        if isinstance(src, dict):
+            data, path = src.get("bytes"), src.get("path")
+            if data:
+                if len(data) in self.sizes:
+                    t = self.by_digest.get(_digest(data))
+                    if t:
+                        return "content", t, path or "<bytes>"
+                return None
+            src = path
+        if not src:
+            return None
+        path = str(src)
+        t = self.real.get(os.path.realpath(path))
+        if t:
+            return "file", t, path
+        if _size(path) in self.sizes:
+            t = self.by_digest.get(_file_digest(path) or "")
+            if t:
+                return "content", t, path
+        return None
+
     def matches(self, sources, workers: int = 8) -> dict:
         """{'same_file', 'same_content', 'test_images_hit', 'examples'} for an iterable of
         image sources (paths, or datasets {'bytes', 'path'} dicts)."""
         same_file = same_content = 0
         hit, examples = set(), []
-
-        def check(src):
-            if isinstance(src, dict):
-                data, path = src.get("bytes"), src.get("path")
-                if data:
-                    if len(data) in self.sizes:
-                        t = self.by_digest.get(_digest(data))
-                        if t:
-                            return "content", t, path or "<bytes>"
-                    return None
-                src = path
-            if not src:
-                return None
-            path = str(src)
-            t = self.real.get(os.path.realpath(path))
-            if t:
-                return "file", t, path
-            if _size(path) in self.sizes:
-                t = self.by_digest.get(_file_digest(path) or "")
-                if t:
-                    return "content", t, path
-            return None
-
         with ThreadPoolExecutor(workers) as ex:
-            for found in ex.map(check, sources, chunksize=256):
+            for found in ex.map(self.match, sources, chunksize=256):
                 if found is None:
                     continue
                 kind, test_path, other = found
