@@ -413,3 +413,32 @@ def test_embedding_mode_errors_are_clear(data, tmp_path):
     assert proc.returncode == 2 and "model.head" in proc.stderr and "Traceback" not in proc.stderr
     assert train_in_process(*EMB, *data_args(data), "data.streaming=true", f"embed.cache_dir={tmp_path / 'c'}",
                             f"output_dir={tmp_path / 'r'}") == 2
+
+
+@pytest.mark.parametrize("strong_view", ["weak", "strong"])
+def test_strong_side_of_an_unlabeled_pair_is_the_view_asked_for(tmp_path, strong_view):
+    # view v of row r is the vector r * 10 + v (+ a small ramp, so rows have a spread)
+    rows, K, dim = 40, 2, 6
+    ramp = np.linspace(0, 0.5, dim)
+    feats = np.stack([[np.full(dim, r * 10 + v) + ramp for v in range(1 + 2 * K)] for r in range(rows)])
+    keys = [f"{r:032d}" for r in range(rows)]
+    emb.write_shard(tmp_path / "key", keys, feats.astype(np.float32), {})
+    cache = emb.FeatureCache(tmp_path / "key")
+    table = emb.FeatureTable(cache, keys, np.arange(rows))
+    batch = emb.FeatureDraws(table, "unlabeled", K, seed=3, stream=1, strong_view=strong_view).__getitems__(
+        list(range(rows)))
+    idx = batch["idx_ulb"].numpy()
+    weak_view = np.round(batch["x_ulb_w"][:, 0].numpy() - idx * 10).astype(int)
+    strong_side = np.round(batch["x_ulb_s"][:, 0].numpy() - idx * 10).astype(int)
+    assert set(weak_view) <= {1, 2}
+    if strong_view == "weak":  # the *other* cached weak view of the same image
+        assert np.all(strong_side + weak_view == 3)
+    else:
+        assert set(strong_side) <= {3, 4} and len(set(strong_side)) == 2
+    noisy = emb.FeatureDraws(table, "unlabeled", K, seed=3, stream=1, strong_view=strong_view,
+                             strong_noise=0.5).__getitems__(list(range(rows)))
+    diff = (noisy["x_ulb_s"] - batch["x_ulb_s"]).numpy()
+    assert np.array_equal(noisy["x_ulb_w"].numpy(), batch["x_ulb_w"].numpy())  # the weak side is untouched
+    spread = ramp.std()
+    assert 0.3 * spread < diff.std() < 0.7 * spread  # noise of 0.5 feature stds
+    cache.close()

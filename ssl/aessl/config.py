@@ -78,7 +78,7 @@ DEFAULTS = {
         # another cached weak view (a frozen backbone's features of RandAugment views lose the
         # bracket: docs/embedding_ssl_diagnosis.md); strong_noise adds Gaussian noise of that
         # many feature stds to it
-        "strong_view": "strong",
+        "strong_view": "weak",
         "strong_noise": 0.0,
         "seed": 0,  # seeds the views and a random-init backbone; not the run's seed, so runs share a cache
         "batch_size": 64,  # images per forward pass (each brings 1 + 2K views)

@@ -186,7 +186,7 @@ class OrdinalMatch(AlgorithmBase):
             SSL_Argument("--ordinal_conf", str2bool, True, "confidence = mass in the best window of brackets"),
             SSL_Argument("--conf_radius", int, 1, "window half-width: 1 = predicted bracket +-1"),
             SSL_Argument("--per_bracket_threshold", str2bool, True, "adapt one threshold per bracket"),
-            SSL_Argument("--thresh_min", float, 0.6, "floor of every threshold"),
+            SSL_Argument("--thresh_min", float, 0.8, "floor of every threshold (0.8 over 0.6: docs/results.md)"),
             SSL_Argument("--thresh_max", float, 0.98, "ceiling of every threshold"),
             SSL_Argument("--thresh_momentum", float, 0.99, "EMA momentum of the threshold statistics"),
             SSL_Argument("--controller_rate", float, 0.05, "how fast per-bracket offsets follow the prior"),
