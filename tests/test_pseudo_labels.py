@@ -145,7 +145,6 @@ def test_weight_zero_is_the_labels_only_run_and_workers_do_not_change_it(world, 
     info = info_of(tmp_path / "w0")
     assert info["rows_used"] == 0 and info["rows_resolved"] > 0 and info["weight"] == 0.0
     for workers in (0, 2):  # draws are seeded by draw number: DataLoader workers change nothing
-        # (no dropout here: with workers the loop's global generator advances otherwise, as without pseudo rows)
         assert train_in_process(*world["data"], *STUDENT, f"data.pseudo_labels={world['exp']}", "data.pseudo_weight=0.5",
                                 f"data.num_workers={workers}", f"output_dir={tmp_path / f'half_{workers}'}") == 0
     assert read_metrics(tmp_path / "half_0") == read_metrics(tmp_path / "half_2")

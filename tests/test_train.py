@@ -70,6 +70,16 @@ def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
     assert info["architecture"] == "test_resnet" and info["image_size"] == 32 and len(info["mean"]) == 3
 
 
+def test_worker_count_does_not_change_a_run_with_dropout(toy_data, tmp_path):
+    # data.num_workers may change on resume, so it must not change training: in-process
+    # augmentation (num_workers=0) once reseeded the global torch generator that dropout uses
+    common = [*data_args(toy_data), "train.steps=4", "train.eval_every=4", "algorithm.name=fixmatch",
+              "model.drop_rate=0.5"]
+    for workers in (0, 2):
+        assert train_in_process(*common, f"data.num_workers={workers}", f"output_dir={tmp_path / str(workers)}") == 0
+    assert read_metrics(tmp_path / "0") == read_metrics(tmp_path / "2")
+
+
 def test_refuses_to_overwrite_a_run(toy_data, tmp_path):
     run = tmp_path / "run"
     assert train_in_process(*data_args(toy_data), "train.steps=2", "train.eval_every=2", f"output_dir={run}",

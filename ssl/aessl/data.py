@@ -607,6 +607,27 @@ def seed_everything_for(*key: int) -> None:
     torch.manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
+class augmentation_rng:
+    """`with augmentation_rng(*key):` seeds python, numpy and torch for one sample's views and
+    puts the caller's random state back afterwards. With data.num_workers=0 the views are
+    drawn in the training process, whose torch RNG also drives dropout and drop-path: without
+    the restore those followed the data seeds, and a run gave other numbers with workers than
+    without (while data.num_workers is a key a resume may change)."""
+
+    def __init__(self, *key: int):
+        self.key = key
+
+    def __enter__(self):
+        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        seed_everything_for(*self.key)
+
+    def __exit__(self, *exc):
+        random.setstate(self.state[0])
+        np.random.set_state(self.state[1])
+        torch.set_rng_state(self.state[2])
+        return False
+
+
 class DrawDataset(Dataset):
     """Indexed by global draw number (see module docstring); returns the training views.
 
@@ -653,17 +674,18 @@ class DrawDataset(Dataset):
                 skipped.append((row_name(row), exc.reason))
         else:
             raise DataSourceError(unreadable_run_message(self.kind, len(skipped), self.n, skipped))
-        seed_everything_for(self.seed, self.stream, draw)
+        with augmentation_rng(self.seed, self.stream, draw):
+            views = (self.weak(img),) if self.kind == "labeled" else (self.weak(img), self.strong(img))
         if self.kind == "labeled":
             score = float(self.scores[idx])
             return {
                 "idx_lb": idx,
-                "x_lb": self.weak(img),
+                "x_lb": views[0],
                 "y_lb": int(bracket_of(score)) if self.targets is None else torch.tensor(self.targets[idx]),
                 "y_score": score,
                 "skipped": skipped,
             }
-        return {"idx_ulb": idx, "x_ulb_w": self.weak(img), "x_ulb_s": self.strong(img), "skipped": skipped}
+        return {"idx_ulb": idx, "x_ulb_w": views[0], "x_ulb_s": views[1], "skipped": skipped}
 
 
 def unreadable_run_message(kind: str, tried: int, total: int | None, skipped: list) -> str:
@@ -741,13 +763,9 @@ class StreamingPool(IterableDataset):
                     yield {"skip_only": True, "skipped": [unreadable[-1]]}
                     continue
                 readable += 1
-                seed_everything_for(self.seed, 1, self.rank, part, count)
-                yield {
-                    "idx_ulb": stable_index(row, self.index_size),
-                    "x_ulb_w": self.weak(img),
-                    "x_ulb_s": self.strong(img),
-                    "skipped": [],
-                }
+                with augmentation_rng(self.seed, 1, self.rank, part, count):
+                    weak, strong = self.weak(img), self.strong(img)
+                yield {"idx_ulb": stable_index(row, self.index_size), "x_ulb_w": weak, "x_ulb_s": strong, "skipped": []}
             if rows == 0:
                 raise DataSourceError("the streamed unlabeled pool is empty (or has fewer rows than processes x "
                                       "data.num_workers)")
