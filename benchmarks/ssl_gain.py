@@ -140,6 +140,10 @@ FLOOR, ORACLE, X4, SOFT = "supervised", "oracle", "labels_x4", "softlabel"
 # softlabel: the research agenda's simpler path. The floor run of the same seed is the teacher;
 # ssl/export.py scores the pool with it, and a supervised student trains on the labels plus the
 # export's accepted rows with their bracket probabilities as soft targets (data.pseudo_labels).
+# Every exported pool row at half a label's weight, its soft target the teacher's probabilities
+# (README's round): a supervised teacher has no thresholds of its own, and export's default 0.95
+# accepts few rows, and those mostly of one bracket.
+SOFT_ARGS = ["data.pseudo_accepted_only=false", "data.pseudo_weight=0.5"]
 ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "ordinal", SOFT]
 CEILINGS = (ORACLE, X4)
 ROW_TITLES = {FLOOR: "floor: supervised", ORACLE: "ceiling: pool oracle", X4: "ceiling: labels x4",
@@ -626,7 +630,7 @@ def run_setting(args, work, mode, fraction, data_by_seed, backbone, features) ->
                 extra = []
                 if row == SOFT:
                     teacher = run.parent / f"{FLOOR}-s{seed}"
-                    extra = [f"data.pseudo_labels={export_pool(teacher, data, args.dry_run)}"]
+                    extra = [f"data.pseudo_labels={export_pool(teacher, data, args.dry_run)}", *SOFT_ARGS]
                 m = train(run, config, base + run_overrides(row, manifests, data, seed, steps) + extra, args.dry_run,
                           args.keep_checkpoints)
                 if m is None:
