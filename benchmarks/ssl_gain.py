@@ -390,7 +390,7 @@ def check_configs(rows, steps_by_mode: dict) -> None:
 
 def pool_probabilities(run: Path, paths: list[str], workers: int, features: dict) -> np.ndarray:
     """The final model's bracket probabilities for every pool image (cached in the run folder).
-    Embedding-mode models share one frozen backbone: its pool features are computed once."""
+    Embedding-mode models share one frozen backbone: its features of each pool are computed once."""
     import datasets
     import torch
     from torch.utils.data import DataLoader
@@ -414,8 +414,8 @@ def pool_probabilities(run: Path, paths: list[str], workers: int, features: dict
         with torch.no_grad():
             return torch.cat([fn(b["x"].to(device)).float().cpu() for b in loader])
 
-    if info.get("mode") == "embedding":
-        fkey = (weights_digest(model.backbone), info["image_size"])
+    if info.get("mode") == "embedding":  # one pass of the backbone per (backbone, size, pool)
+        fkey = (weights_digest(model.backbone), info["image_size"], key)
         if fkey not in features:
             features[fkey] = forward(model.backbone)
         with torch.no_grad():
