@@ -825,7 +825,7 @@ class FeatureDraws(Dataset):
     Python), so the DataLoader's collate is the identity."""
 
     def __init__(self, feats: FeatureTable, kind: str, views: int, scores=None, seed: int = 0, stream: int = 0,
-                 strong_view: str = "strong", strong_noise: float = 0.0, targets=None):
+                 strong_view: str = "weak", strong_noise: float = 0.0, targets=None):
         self.feats, self.kind, self.views = feats, kind, int(views)
         self.seed, self.stream = int(seed), int(stream)
         self.strong_view, self.strong_noise = strong_view, float(strong_noise)
