@@ -176,7 +176,7 @@ def algorithm_args(name: str, steps: int) -> dict:
                1/11, its variance at 1.0: every weight ~1); dist_uniform=false aligns the
                pool's predictions to the model's labeled predictions instead of to a uniform
                bracket histogram, which the model card's histogram is far from.
-    ordinal    its own defaults (aessl/ordinal.py).
+    ordinal    its own defaults (aessl/algos/ordinal.py).
     budget_ema(steps) = clip(1 - 20/steps, 0.9, 0.999): a memory of 5% of the run.
     """
     ema = round(lib.budget_ema(steps), 4)

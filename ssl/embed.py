@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -40,12 +39,12 @@ def main(argv=None) -> int:
 
     from aessl.data import DataSourceError, LabeledSetError, load_pool, load_scored_set
     from aessl.embedding import EmbeddingError, prepare_features
+    from aessl.logs import setup_logging
     from aessl.models import WeightsUnavailable
     from aessl.sources import resolve_sources
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(accelerator.is_main_process)
     dcfg = cfg.data
     try:
         src = resolve_sources(dcfg, accelerator.is_main_process, accelerator.wait_for_everyone)

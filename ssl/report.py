@@ -10,7 +10,6 @@ predictions.parquet and every plot as PNG. With --pool it also scores an unlabel
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 from datetime import datetime
@@ -46,8 +45,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from aessl.data import DataSourceError, LabeledSetError
+    from aessl.logs import setup_logging
+
+    setup_logging()
     from aessl.report import TABLE_ROWS, ReportError, build_report
 
     out = Path(args.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")

@@ -29,6 +29,7 @@ from test_train import read_metrics, train_in_process
 
 from aessl import data as data_module
 from aessl import embedding as emb
+from aessl import heads
 from aessl.config import load_config
 from aessl.data import load_pool, load_scored_set
 from aessl.locks import FolderLock
@@ -380,10 +381,10 @@ def test_killed_embedding_run_resumes_like_an_uninterrupted_one(data, tmp_path):
     assert read_metrics(whole) == read_metrics(broken)
 
 
-@pytest.mark.parametrize("head", sorted(emb.HEADS))
+@pytest.mark.parametrize("head", sorted(heads.HEADS))
 def test_every_head_answers_like_a_score_model(head):
     torch.manual_seed(0)
-    h = emb.build_head({"name": head, "in_features": 20, "hidden": 16, "dropout": 0.1})
+    h = heads.build_head({"name": head, "in_features": 20, "hidden": 16, "dropout": 0.1})
     out = h(torch.randn(5, 20))
     assert out["logits"].shape == (5, 11) and out["feat"].shape == (5, h.num_features)
     assert torch.equal(h(out["feat"], only_fc=True), out["logits"])

@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import make_pool, run_script, toy_image
 
 from aessl import export as ex
+from aessl import faults
 from aessl.locks import FolderLock
 from aessl.models import build_model, save_model_folder
 
@@ -167,11 +168,11 @@ def test_killed_export_resumes_to_the_same_rows(setup, tmp_path, monkeypatch):
     def fake_exit(code):
         raise Killed(code)
 
-    monkeypatch.setenv(ex.KILL_ENV, "2")
+    monkeypatch.setenv(faults.KILL_AFTER_EXPORT_SHARDS, "2")
     monkeypatch.setattr(ex.os, "_exit", fake_exit)
     with pytest.raises(Killed):
         export(setup, out)
-    monkeypatch.delenv(ex.KILL_ENV)
+    monkeypatch.delenv(faults.KILL_AFTER_EXPORT_SHARDS)
     assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
     assert manifest(out)["complete"] is False and not (out / "errors.jsonl").exists()
     (out / "part-00002.parquet.tmp").write_bytes(b"PAR1 half")  # what a kill during a write leaves

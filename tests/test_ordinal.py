@@ -11,7 +11,7 @@ import torch
 from aessl import algorithms as algos
 from aessl.metrics import accepted_by_threshold
 from aessl.models import build_model
-from aessl.ordinal import soft_targets, window_mass
+from aessl.algos.ordinal import soft_targets, window_mass
 from conftest import ROOT, TINY, run_script
 
 PRIOR = np.array([31, 162, 533, 675, 690, 576, 228, 95, 54, 29, 7], dtype=float)

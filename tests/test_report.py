@@ -148,6 +148,20 @@ def test_two_runs_side_by_side_with_pool_and_truth(runs, toy_data, pool_with_tru
     cells = re.findall(r"<td( class='best')?>", mae_row)
     assert cells == ([" class='best'", ""] if report["best"]["mae"] == ["sup"] else ["", " class='best'"])
 
+    # where the runs disagree: the images with the largest spread of expected scores, from the
+    # same predictions the parquet holds, largest first, one table row each
+    pred = pd.read_parquet(out / "predictions.parquet")
+    by_run = {n: pred[pred["run"] == n].set_index("path")[[f"p_{b}" for b in range(11)]] @ np.arange(11) for n in ("sup", "fix")}
+    spread = (by_run["sup"] - by_run["fix"]).abs().sort_values(ascending=False)
+    rows = report["disagreements"]
+    assert len(rows) == 10 and [r["spread"] for r in rows] == sorted((r["spread"] for r in rows), reverse=True)
+    assert rows[0]["spread"] == pytest.approx(spread.iloc[0], abs=1e-5)
+    for r in rows:
+        assert r["spread"] == pytest.approx(abs(r["scores"]["sup"] - r["scores"]["fix"]), abs=1e-9)
+        assert r["scores"]["sup"] == pytest.approx(by_run["sup"][r["path"]], abs=1e-5)
+    table = page.split("id='disagreements'", 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr><td>") == 10 and "<th>spread</th>" in table
+
     # the pool: histogram in percent, one unreadable file skipped and counted, pseudo-labels vs truth
     assert (out / "pool_histogram.png").is_file() and "alt='pool histogram'" in page and "id='pool'" in page
     assert report["pool"]["num_images"] == 23 and report["pool"]["skipped"] == 1

@@ -18,6 +18,7 @@ import argparse
 import inspect
 import logging
 from contextlib import nullcontext
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -54,20 +55,14 @@ UNSUPPORTED_WHY = {
     "defixmatch": "needs a strong view of every labeled image",
     "fullysupervised": "use 'supervised'",
 }
-# Our own algorithms register themselves in USB's registry when imported.
-OWN_ALGORITHM_MODULES = ("aessl.ordinal",)
 
 
 def _registry():
     import semilearn  # noqa: F401  (importing it fills the registry)
     from semilearn.core.utils import ALGORITHMS
 
-    for name in OWN_ALGORITHM_MODULES:
-        try:
-            __import__(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+    from . import algos  # noqa: F401  (ours: each module registers itself; aessl/algos/__init__.py)
+
     return ALGORITHMS
 
 
@@ -175,28 +170,67 @@ def log_figures(algo, log_dict: dict) -> dict:
     return out
 
 
+@runtime_checkable
+class AcceptanceRule(Protocol):
+    """What an algorithm of ours exposes so that export and report accept pool images the
+    way it accepted them in training (aessl/algos/ordinal.py is one):
+
+    current_thresholds()  the per-bracket confidence thresholds now, a tensor of 11
+    conf_radius           confidence = probability mass within +-conf_radius brackets of
+                          the argmax (0: the argmax's own probability, USB's rule)
+
+    model/config.json records both (`thresholds`, `confidence_radius`); export and report
+    read them from there, never from the algorithm. USB's own algorithms do not implement
+    this; USB_THRESHOLDS reads theirs from their hooks instead."""
+
+    conf_radius: int
+
+    def current_thresholds(self) -> torch.Tensor: ...
+
+
+def _freematch_thresholds(algo) -> torch.Tensor:
+    """Self-adaptive: the global threshold time_p scaled by each class's share of p_model."""
+    masking = algo.hooks_dict["MaskingHook"]
+    return masking.time_p * (masking.p_model / torch.max(masking.p_model))
+
+
+def _flexmatch_thresholds(algo) -> torch.Tensor:
+    """Curriculum: p_cutoff scaled by each class's learning effect (convex mapping)."""
+    acc = algo.hooks_dict["MaskingHook"].classwise_acc
+    return algo.p_cutoff * (acc / (2.0 - acc))
+
+
+# USB algorithms whose thresholds live in their hooks, by algorithm name. Any other with a
+# p_cutoff uses it for every bracket; one without has no thresholds (supervised).
+USB_THRESHOLDS = {"freematch": _freematch_thresholds, "flexmatch": _flexmatch_thresholds}
+
+
+def current_thresholds(algo) -> torch.Tensor | None:
+    """The algorithm's per-bracket thresholds now, or None when it has none."""
+    if isinstance(algo, AcceptanceRule):
+        return algo.current_thresholds()
+    reader = USB_THRESHOLDS.get(getattr(algo, "algorithm", None))
+    if reader is not None:
+        return reader(algo)
+    if hasattr(algo, "p_cutoff"):
+        return torch.full((NUM_BRACKETS,), float(algo.p_cutoff))
+    return None
+
+
+def confidence_radius(algo) -> int:
+    """The algorithm's confidence window (AcceptanceRule.conf_radius); 0 for USB's."""
+    return int(algo.conf_radius) if isinstance(algo, AcceptanceRule) else 0
+
+
 def threshold_figures(algo) -> dict:
     """Current per-bracket thresholds (where the algorithm has them) as flat keys."""
-    hooks = getattr(algo, "hooks_dict", {})
-    masking = hooks.get("MaskingHook")
-    out = {}
-    if hasattr(algo, "current_thresholds"):
-        thr = algo.current_thresholds()
-    elif masking is not None and hasattr(masking, "time_p") and hasattr(masking, "p_model"):  # FreeMatch
-        mod = masking.p_model / torch.max(masking.p_model)
-        thr = masking.time_p * mod
-    elif masking is not None and hasattr(masking, "classwise_acc"):  # FlexMatch
-        acc = masking.classwise_acc
-        thr = algo.p_cutoff * (acc / (2.0 - acc))
-    elif hasattr(algo, "p_cutoff"):
-        thr = torch.full((NUM_BRACKETS,), float(algo.p_cutoff))
-    else:
-        return out
+    thr = current_thresholds(algo)
+    if thr is None:
+        return {}
     thr = torch.as_tensor(thr, dtype=torch.float32).flatten().cpu()
-    if thr.numel() == NUM_BRACKETS:
-        for b, t in enumerate(thr.tolist()):
-            out[f"threshold_{b}"] = t
-    return out
+    if thr.numel() != NUM_BRACKETS:
+        return {}
+    return {f"threshold_{b}": t for b, t in enumerate(thr.tolist())}
 
 
 def thresholds_for_export(algo) -> list[float]:
@@ -207,8 +241,10 @@ def thresholds_for_export(algo) -> list[float]:
 
 
 class AlgorithmState:
-    """state_dict/load_state_dict over every tensor the algorithm and its hooks keep,
-    so Accelerate's save_state/load_state carry it (register_for_checkpointing)."""
+    """state_dict/load_state_dict over every tensor the algorithm, its hooks and USB's EMA
+    keep. Each process writes it beside Accelerate's save_state files as its own
+    checkpoint file (checkpoints.write_rank_state; aessl/loop.py's save_checkpoint): the
+    hooks' tensors differ per process (FlexMatch's per-image slots cover its own draws)."""
 
     def __init__(self, algo):
         self.algo = algo

@@ -68,6 +68,9 @@ DEFAULTS = {
         # image: train the whole network on images. embedding: freeze the backbone, cache its
         # features once (embed.*) and train only a head on them (fast iteration).
         "mode": "image",
+        # what the last layer's outputs mean (aessl/targets.py): classification = 11 bracket
+        # logits (every algorithm); regression = one score 0-10 (algorithm.name=supervised)
+        "target": "classification",
         "head": "residual_mlp",  # embedding mode: linear | mlp | residual_mlp (the model card's)
         "head_hidden": 1024,
         "head_dropout": 0.1,
@@ -170,6 +173,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 CHOICES = {
     "model.mode": ("image", "embedding"),
+    "model.target": ("classification", "regression"),
     "model.head": ("linear", "mlp", "residual_mlp"),
     "embed.dtype": ("float16", "float32"),
     "embed.strong_view": ("strong", "weak"),
@@ -233,6 +237,22 @@ def check_choices(cfg) -> None:
             lo = "" if low is None else f"{'>=' if low_in else '>'} {low}"
             hi = "" if high is None else f"{'<=' if high_in else '<'} {high}"
             raise ConfigError(f"{key}={value!r} is out of range: it must be {' and '.join(x for x in (lo, hi) if x)}")
+    check_target(cfg)
+
+
+def check_target(cfg) -> None:
+    """A target other than classification trains its own supervised loss (aessl/targets.py):
+    the SSL algorithms and soft labels are written for 11 class probabilities."""
+    target = OmegaConf.select(cfg, "model.target")
+    if target == "classification":
+        return
+    if OmegaConf.select(cfg, "algorithm.name") != "supervised":
+        raise ConfigError(f"model.target={target} trains with algorithm.name=supervised only (got "
+                          f"{OmegaConf.select(cfg, 'algorithm.name')!r}): the semi-supervised algorithms' "
+                          "losses compare 11 bracket probabilities")
+    if OmegaConf.select(cfg, "data.pseudo_labels"):
+        raise ConfigError(f"model.target={target} cannot train on data.pseudo_labels (soft targets are 11 bracket "
+                          "probabilities); leave data.pseudo_labels=null")
 
 
 def _leaves(d: dict, prefix: str = ""):

@@ -821,6 +821,23 @@ class DrawBatchSampler:
             m += 1
 
 
+class RangeBatches:
+    """Batches of row positions, range after range ([start, end) pairs, e.g. one export shard
+    or one cache chunk each); a batch never spans two ranges, so each range's rows arrive
+    whole and in order."""
+
+    def __init__(self, ranges: list[tuple[int, int]], batch_size: int):
+        self.ranges, self.batch_size = [(int(s), int(e)) for s, e in ranges], int(batch_size)
+
+    def __iter__(self):
+        for s, e in self.ranges:
+            for b in range(s, e, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, e)))
+
+    def __len__(self):
+        return sum(-(-(e - s) // self.batch_size) for s, e in self.ranges)
+
+
 def worker_init(_worker_id: int) -> None:
     # Each sample reseeds from its draw number; torch's per-worker seeding is not used.
     torch.set_num_threads(1)

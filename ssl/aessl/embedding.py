@@ -51,108 +51,24 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from .data import SOURCE_CHUNK, TableSources, row_source, seed_everything_for
+from . import faults
+from .data import SOURCE_CHUNK, RangeBatches, TableSources, seed_everything_for, worker_init
+from .heads import EmbeddingError
 from .images import UnreadableImage, describe, load_image
 from .locks import FolderLock, FolderLocked
-from .metrics import NUM_BRACKETS, bracket_of
+from .metrics import bracket_of
+from .models import create_backbone, data_config
+from .sources import REPO_ROOT
+from .transforms import eval_transform, train_transforms
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 2  # 2: the key also covers the architecture, its kwargs and the storage dtype
 HASH_CHARS = 32
 MAX_OPEN_SHARDS = 32  # shard files kept open while training: open files must not grow with the cache
-
-
-class EmbeddingError(ValueError):
-    pass
-
-
-# --------------------------------------------------------------------------- heads
-
-
-class Head(nn.Module):
-    """body (features -> head features) then fc (-> 11 bracket logits), answering like ScoreModel:
-    forward(x) -> {'logits', 'feat'}; forward(feat, only_fc=True) -> logits; only_feat -> feat."""
-
-    def __init__(self, body: nn.Module, width: int):
-        super().__init__()
-        self.body = body
-        self.fc = nn.Linear(width, NUM_BRACKETS)
-        self.num_features = width
-
-    def forward(self, x, only_fc: bool = False, only_feat: bool = False, **_):
-        if only_fc:
-            return self.fc(x)
-        feat = self.body(x)
-        if only_feat:
-            return feat
-        return {"logits": self.fc(feat), "feat": feat}
-
-
-class ResidualBlock(nn.Module):
-    """x + f(x) through three linear layers, as in the model card's predictor."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.branch = nn.Sequential(
-            nn.Linear(width, width), nn.LeakyReLU(0.1),
-            nn.Linear(width, width), nn.LeakyReLU(0.1),
-            nn.Linear(width, width),
-        )
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(x + self.branch(x))
-
-
-def _linear(dim: int, hidden: int, dropout: float) -> tuple[nn.Module, int]:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout)), dim
-
-
-def _mlp(dim: int, hidden: int, dropout: float) -> tuple[nn.Module, int]:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout)), hidden
-
-
-def _residual_mlp(dim: int, hidden: int, dropout: float) -> tuple[nn.Module, int]:
-    # The model card's shape: widen, one residual block, then narrow in steps to a small
-    # feature that the bracket classifier reads.
-    return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, hidden), ResidualBlock(hidden),
-        nn.Linear(hidden, 128), nn.Linear(128, 64), nn.Dropout(dropout), nn.LeakyReLU(0.1),
-    ), 64
-
-
-HEADS = {"linear": _linear, "mlp": _mlp, "residual_mlp": _residual_mlp}
-
-
-def build_head(spec: dict) -> Head:
-    """spec: {'name', 'in_features', 'hidden', 'dropout'} (what model/config.json records)."""
-    name = spec["name"]
-    if name not in HEADS:
-        raise EmbeddingError(f"model.head: unknown head {name!r}; choose one of {sorted(HEADS)}")
-    body, width = HEADS[name](int(spec["in_features"]), int(spec["hidden"]), float(spec["dropout"]))
-    return Head(body, width)
-
-
-class EmbeddingScoreModel(nn.Module):
-    """Frozen backbone + head: images in, ScoreModel's answers out (export and report use this)."""
-
-    def __init__(self, backbone: nn.Module, head: Head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-        self.num_features = head.num_features
-
-    def forward(self, x, only_fc: bool = False, only_feat: bool = False, **_):
-        if only_fc:
-            return self.head(x, only_fc=True)
-        return self.head(self.backbone(x), only_feat=only_feat)
-
-    def export_state_dict(self) -> dict:
-        return {**{f"backbone.{k}": v for k, v in self.backbone.state_dict().items()},
-                **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
 
 
 # --------------------------------------------------------------------------- keys
@@ -270,7 +186,6 @@ class ContentHasher:
                      show: bool = True) -> list[tuple[str | None, str]]:
         """[(hash or None, reason when None)] in order. `sources` is consumed SOURCE_CHUNK at a
         time (a generator over a table's rows keeps only one chunk of image bytes alive)."""
-        from tqdm.auto import tqdm
 
         total = len(sources) if total is None and hasattr(sources, "__len__") else total
         con = self._connect()
@@ -518,31 +433,12 @@ class ViewsDataset(Dataset):
                 "x": torch.zeros(n, 3, self.size, self.size)}
 
 
-class ChunkBatches:
-    """Batches of item positions, chunk after chunk; a batch never spans two chunks."""
-
-    def __init__(self, chunks: list[tuple[int, int]], batch_size: int):
-        self.chunks, self.batch_size = chunks, int(batch_size)
-
-    def __iter__(self):
-        for s, e in self.chunks:
-            for b in range(s, e, self.batch_size):
-                yield list(range(b, min(b + self.batch_size, e)))
-
-    def __len__(self):
-        return sum(-(-(e - s) // self.batch_size) for s, e in self.chunks)
-
-
 def fill_cache(root: Path, todo: list[tuple[str, str, int]], sources: dict, backbone: nn.Module, transforms: tuple,
                embed_cfg, accelerator, workers: int) -> tuple[dict, dict]:
     """Compute the views of every (hash, table name, row) in `todo` and write them as shards.
 
     `todo` is the same list on every process; process r takes chunks r, r+W, ...
     Returns (stats, {hash: reason} of the images whose read failed this pass: not in any shard)."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .data import worker_init
 
     eval_tf, weak, strong, size = transforms
     S = int(embed_cfg["shard_size"])
@@ -562,9 +458,8 @@ def fill_cache(root: Path, todo: list[tuple[str, str, int]], sources: dict, back
     kw = dict(num_workers=workers, worker_init_fn=worker_init, pin_memory=on_cuda)
     if workers > 0:
         kw["prefetch_factor"] = 4
-    loader = DataLoader(ds, batch_sampler=ChunkBatches(bounds, int(embed_cfg["batch_size"])), **kw)
+    loader = DataLoader(ds, batch_sampler=RangeBatches(bounds, int(embed_cfg["batch_size"])), **kw)
     dtype = np.float16 if embed_cfg["dtype"] == "float16" else np.float32
-    kill_after = int(os.environ.get("AESSL_KILL_AFTER_SHARDS", "0"))
     backbone = backbone.to(accelerator.device).eval()
     bar = tqdm(total=len(items) * world, desc="embed", disable=not accelerator.is_main_process, dynamic_ncols=True)
     chunk_i, got = 0, {}
@@ -591,8 +486,7 @@ def fill_cache(root: Path, todo: list[tuple[str, str, int]], sources: dict, back
                 for k, v in stats_i.items():
                     stats[k] += v
                 got, chunk_i = {}, chunk_i + 1
-                if kill_after and chunk_i == kill_after:  # fault injection for the resume test
-                    os._exit(137)
+                faults.kill_point(faults.KILL_AFTER_CACHE_CHUNKS, chunk_i)  # the resume test
     bar.close()
     return stats, retry
 
@@ -628,8 +522,6 @@ def _write_chunk(root: Path, hashes: list[str], results: list[tuple], dtype, V: 
 
 def build_frozen_backbone(model_cfg, embed_cfg, image_size: int, crop_pct: float):
     """The frozen feature extractor (timm, no classifier) and its data config."""
-    from .models import create_backbone, data_config
-
     kwargs = dict(model_cfg.get("kwargs") or {})
     # A random-init backbone is drawn from embed.seed, not the run's seed: changing the
     # training seed must not change the features (nor invalidate the cache).
@@ -642,8 +534,6 @@ def build_frozen_backbone(model_cfg, embed_cfg, image_size: int, crop_pct: float
 
 
 def cache_root_for(cfg, backbone, info) -> tuple[Path, dict]:
-    from .sources import REPO_ROOT
-
     base = Path(cfg.embed.cache_dir)
     if not base.is_absolute():
         base = REPO_ROOT / base
@@ -702,8 +592,6 @@ def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
     t0 = time.time()
     backbone, info = build_frozen_backbone(cfg.model, cfg.embed, int(cfg.data.image_size), float(cfg.data.crop_pct))
     root, spec = cache_root_for(cfg, backbone, info)
-    from .transforms import eval_transform, train_transforms
-
     hasher = ContentHasher(root.parent)
     hashed, sources = {}, {}
     for name, table in tables.items():
@@ -900,8 +788,3 @@ class FeatureEval(Dataset):
 
 def identity_collate(batch):
     return batch
-
-
-def head_spec(model_cfg, in_features: int) -> dict:
-    return {"name": str(model_cfg["head"]), "in_features": int(in_features), "hidden": int(model_cfg["head_hidden"]),
-            "dropout": float(model_cfg["head_dropout"])}

@@ -53,26 +53,39 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, default_collate
+from tqdm.auto import tqdm
 
-from .data import DataSourceError, EvalDataset, load_pool, row_name, row_source, worker_init
+from . import faults
+from .data import DataSourceError, EvalDataset, RangeBatches, load_pool, row_name, row_source, worker_init
+from .fileio import write_atomic, write_text_atomic
+from .images import UnreadableImage, load_image
 from .locks import FolderLock, FolderLocked
-from .metrics import NUM_BRACKETS, confidence, expected_score
+from .logs import setup_logging
+from .metrics import DEFAULT_THRESHOLD, NUM_BRACKETS, confidence, expected_score
+from .models import load_model_folder, resolve_model_folder
+from .scoring import PRECISIONS, bracket_probs, resolve_precision
+from .targets import target_of
+from .transforms import eval_transform
 
 log = logging.getLogger("aessl.export")
 
 EXPORT_FORMAT = "aessl-export"
 EXPORT_FORMAT_VERSION = 1
 META_KEY = b"aessl.export"
-DEFAULT_THRESHOLD = 0.95  # per bracket, when the model's config.json records none (FixMatch's usual cutoff)
 DEFAULT_SHARD_SIZE = 10_000
 GRID_MAX = 100  # the contact sheet shows at most this many of the top N, like the model card's "top 100"
 GRID_CELL = 192
 MAX_LOGGED_ERRORS = 20
 PROB_COLUMNS = [f"prob_{b}" for b in range(NUM_BRACKETS)]
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-KILL_ENV = "AESSL_EXPORT_KILL_AFTER_SHARDS"  # tests: die like SIGKILL after this process wrote N shards
 
 
 class ExportError(Exception):
@@ -101,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per process (default: min(8, CPU cores / processes on this machine))")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="source rows per output shard")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
     p.add_argument("--device", default="auto",
                    help="auto (accelerate's choice: each process's GPU, else CPU), cpu, cuda, or cuda:N (one process)")
@@ -170,18 +183,6 @@ def resolve_device(text: str | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def _sha256_files(*paths: Path) -> str:
@@ -257,24 +258,6 @@ class ExportDataset(EvalDataset):
         return {"index": i, "x": torch.zeros(3, self.image_size, self.image_size), "ok": False, "reason": reason}
 
 
-class ShardBatchSampler:
-    """Batches of source row indices, shard after shard; a batch never spans two shards."""
-
-    def __init__(self, shards: list[int], shard_size: int, num_rows: int, batch_size: int):
-        self.shards, self.shard_size, self.num_rows, self.batch_size = shards, shard_size, num_rows, batch_size
-
-    def __iter__(self):
-        for k in self.shards:
-            start, end = k * self.shard_size, min((k + 1) * self.shard_size, self.num_rows)
-            for b in range(start, end, self.batch_size):
-                yield list(range(b, min(b + self.batch_size, end)))
-
-    def __len__(self):
-        per = [math.ceil((min((k + 1) * self.shard_size, self.num_rows) - k * self.shard_size) / self.batch_size)
-               for k in self.shards]
-        return sum(per)
-
-
 def stream_rows(pool, chunk: int = 256):
     """Rows of an iterable `datasets` source, in order. `.iter()` rather than `iter(pool)`:
     inside a DataLoader worker the latter hands each worker only some of the source's files,
@@ -332,8 +315,6 @@ def shard_name(k: int) -> str:
 
 
 def output_schema(meta: dict | None = None):
-    import pyarrow as pa
-
     fields = [
         pa.field("path", pa.string()),
         pa.field("row", pa.int64()),
@@ -349,8 +330,6 @@ def output_schema(meta: dict | None = None):
 
 def score_table(rows, names, probs, thresholds, band, meta, radius: int = 0):
     """The rows of one shard as an arrow table (band applied), with `meta` in the schema."""
-    import pyarrow as pa
-
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, NUM_BRACKETS)
     exp = expected_score(probs)
     pct = exp * 10.0
@@ -377,23 +356,8 @@ def score_table(rows, names, probs, thresholds, band, meta, radius: int = 0):
     return pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
 
 
-def write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename into place: the final name never holds a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
 def read_shard_meta(path: Path) -> dict | None:
     """The `aessl.export` metadata of a shard file, or None when it is not one of ours or unreadable."""
-    import pyarrow.parquet as pq
-
     try:
         meta = json.loads((pq.read_schema(path).metadata or {})[META_KEY])
     except Exception:
@@ -439,10 +403,6 @@ def _sort_keys():
 
 def select_top(files: list[Path], n: int):
     """The n rows with the highest expected score over all shards (ties: by path)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     cols = ["path", "row", "expected_score", "score_percent", "bracket", "confidence", "accepted"]
     parts = []
     for f in files:  # keep at most n per shard: memory stays O(n * shards), not O(pool)
@@ -471,8 +431,6 @@ def fetch_sources(pool, rows: list[int]) -> dict[int, object]:
 
 
 def _image_ext(data: bytes) -> str:
-    from PIL import Image
-
     try:
         fmt = (Image.open(io.BytesIO(data)).format or "bin").lower()
     except Exception:
@@ -534,9 +492,7 @@ def place_top_files(top_dir: Path, ranked: list[tuple[int, str, object]], mode: 
 
 def contact_sheet(items: list[tuple[int, float, object]], path: Path, cell: int = GRID_CELL) -> None:
     """A grid of thumbnails with their rank and percent written on them (model card's top-100 sheet)."""
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-    from .images import UnreadableImage, load_image
 
     n = len(items)
     cols = min(10, max(1, math.ceil(math.sqrt(n))))
@@ -602,8 +558,6 @@ def _is_inside(child: Path, parent: Path) -> bool:
 def load_inputs(args, device):
     """(model, info, thresholds, threshold_source, folder, pool, source): every input
     checked before OUT is touched; problems raise ExportError naming the path."""
-    from .models import load_model_folder, resolve_model_folder
-
     try:
         folder = resolve_model_folder(args.model)
     except FileNotFoundError as exc:
@@ -766,15 +720,11 @@ def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_sour
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, gather_object
 
     accelerator = Accelerator(cpu=args.device.strip().lower() == "cpu")
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     broadcast = broadcast_object_list if world > 1 else None
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(is_main)
     out = Path(args.out)
 
     def fail(msg: str) -> int:
@@ -809,8 +759,6 @@ def main(argv=None) -> int:
 def run_export(args, accelerator, device, dtype, inputs, ident, out: Path, broadcast, fail) -> int:
     """Everything after OUT is locked: agree on OUT, score this process's shards, and (main
     process) check the whole, write errors, top N and the manifest."""
-    from accelerate.utils import gather_object
-
     model, info, thresholds, thr_source, folder, pool, source = inputs
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     state = agree_on_out(args, out, folder, info, thresholds, thr_source, ident, source, dtype, is_main, broadcast)
@@ -833,45 +781,74 @@ def run_export(args, accelerator, device, dtype, inputs, ident, out: Path, broad
 def score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_base, rank, world, is_main) -> dict:
     """Score and write this process's shards; returns its counts (scored, unreadable,
     written, shards)."""
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
-    from .transforms import eval_transform
-
-    S, B, W = args.shard_size, args.batch_size, args.workers
-    thresholds, band = meta_base["thresholds"], meta_base["score_band_percent"]
-    tf, size = eval_transform(info), int(info["image_size"])
-    cuda = device.type == "cuda"
-    kw = dict(num_workers=W, pin_memory=cuda, worker_init_fn=worker_init)  # pinned pages: async host-to-GPU copies
-    if W > 0:
-        kw["prefetch_factor"] = 4
-    streaming = ident["rows"] is None
-    if streaming:
-        loader = DataLoader(StreamShards(pool, tf, size, S, B, rank, world, done), batch_size=None, **kw)
-        bounds, my_rows = None, None
-    else:
-        n = ident["rows"]
-        todo = [k for k in range(math.ceil(n / S)) if k not in done]
-        mine = todo[rank::world]
-        bounds = {k: (k * S, min((k + 1) * S, n)) for k in mine}
-        my_rows = sum(e - s for s, e in bounds.values())
-        loader = DataLoader(ExportDataset(pool, tf, size), batch_sampler=ShardBatchSampler(mine, S, n, B), **kw)
-    if cuda:  # fixed-size batches: let cuDNN pick its fastest kernels; NHWC suits bf16 convolutions
+    loader, bounds, my_rows = shard_loader(args, info, pool, ident, done, device, rank, world)
+    if device.type == "cuda":  # fixed-size batches: let cuDNN pick its fastest kernels; NHWC suits bf16 convolutions
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
-    model.eval()
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
     desc = "export" if world == 1 else f"export [{rank + 1}/{world}]"
     bar = tqdm(total=my_rows, disable=not is_main, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
-    buffers: dict[int, dict] = {}
-    counts = {"scored": 0, "unreadable": 0, "written": 0, "shards": 0}
-    logged = 0
+    writer = ShardWriter(args.shard_size, bounds, out, meta_base, int(info.get("confidence_radius", 0)), rank, world,
+                         bar)
+    for probs, batch in bracket_probs(model, loader, device, dtype, channels_last=True, target=target_of(info)):
+        writer.add(probs, batch)
+    bar.close()
+    if writer.buffers:
+        raise RuntimeError(f"shards {sorted(writer.buffers)} were left unfinished")  # a bug in the readers
+    return writer.counts
 
-    def finish_shard(k: int, end: int | None) -> None:
-        nonlocal logged
-        buf = buffers.pop(k)
-        start = k * S
-        end = bounds[k][1] if end is None else end
+
+def shard_loader(args, info, pool, ident, done, device, rank: int, world: int):
+    """(loader, {shard: (start, end)} or None when streamed, this process's row count or
+    None): batches of this process's unfinished shards, a batch never spanning two."""
+    S, B, W = args.shard_size, args.batch_size, args.workers
+    tf, size = eval_transform(info), int(info["image_size"])
+    # pinned pages: async host-to-GPU copies
+    kw = dict(num_workers=W, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    if W > 0:
+        kw["prefetch_factor"] = 4
+    if ident["rows"] is None:  # streamed: shards are cut as the rows arrive
+        return DataLoader(StreamShards(pool, tf, size, S, B, rank, world, done), batch_size=None, **kw), None, None
+    n = ident["rows"]
+    todo = [k for k in range(math.ceil(n / S)) if k not in done]
+    mine = todo[rank::world]
+    bounds = {k: (k * S, min((k + 1) * S, n)) for k in mine}
+    loader = DataLoader(ExportDataset(pool, tf, size), batch_sampler=RangeBatches([bounds[k] for k in mine], B), **kw)
+    return loader, bounds, sum(e - s for s, e in bounds.values())
+
+
+class ShardWriter:
+    """Collects scored batches per shard and writes a shard's parquet file (atomically) as
+    soon as its last row is in. `bounds` None: a streamed pool, whose batches say where
+    their shard ends."""
+
+    def __init__(self, shard_size: int, bounds: dict | None, out: Path, meta_base: dict, radius: int, rank: int,
+                 world: int, bar):
+        self.S, self.bounds, self.out, self.meta_base, self.radius = shard_size, bounds, out, meta_base, radius
+        self.rank, self.world, self.bar = rank, world, bar
+        self.buffers: dict[int, dict] = {}
+        self.counts = {"scored": 0, "unreadable": 0, "written": 0, "shards": 0}
+        self.logged = 0
+
+    def add(self, host_probs, batch: dict) -> None:
+        rows = batch["index"].tolist()
+        streaming = self.bounds is None
+        k = batch["shard"] if streaming else rows[0] // self.S
+        buf = self.buffers.setdefault(k, {"rows": [], "names": [], "ok": [], "reasons": [], "probs": []})
+        buf["rows"] += rows
+        buf["names"] += list(batch["name"])
+        buf["ok"] += batch["ok"].tolist()
+        buf["reasons"] += list(batch["reason"])
+        buf["probs"].append(host_probs.numpy())
+        self.bar.update(len(rows))
+        if streaming:
+            if batch["last"]:
+                self.finish(k, batch["end"])
+        elif rows[-1] + 1 == self.bounds[k][1]:
+            self.finish(k, self.bounds[k][1])
+
+    def finish(self, k: int, end: int) -> None:
+        buf = self.buffers.pop(k)
+        start = k * self.S
         if len(buf["rows"]) != end - start or buf["rows"][0] != start:
             raise RuntimeError(f"shard {k}: got {len(buf['rows'])} rows for range [{start}, {end})")  # a bug, not bad data
         ok = np.asarray(buf["ok"], dtype=bool)
@@ -879,70 +856,26 @@ def score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_
         names = [nm if nm and nm != "<bytes>" else str(r) for nm, r in zip(buf["names"], rows)]
         errors = [{"row": int(r), "path": nm, "reason": why}
                   for r, nm, good, why in zip(rows, names, ok, buf["reasons"]) if not good]
-        for e in errors:
-            if logged < MAX_LOGGED_ERRORS:
-                bar.write(f"skipping unreadable image {e['path']}: {e['reason']}", file=sys.stderr)
-                logged += 1
-                if logged == MAX_LOGGED_ERRORS:
-                    bar.write("(further unreadable images are listed only in errors.jsonl)", file=sys.stderr)
+        self.log_errors(errors)
         probs = np.concatenate(buf["probs"])[ok] if buf["probs"] else np.zeros((0, NUM_BRACKETS))
-        meta = {**meta_base, "shard": k, "row_start": start, "row_end": end, "rows_scored": int(ok.sum()),
-                "unreadable": len(errors), "errors": errors, "rank": rank, "num_processes": world}
-        table = score_table(rows[ok], [nm for nm, g in zip(names, ok) if g], probs, thresholds, band, meta,
-                            radius=int(info.get("confidence_radius", 0)))
+        meta = {**self.meta_base, "shard": k, "row_start": start, "row_end": end, "rows_scored": int(ok.sum()),
+                "unreadable": len(errors), "errors": errors, "rank": self.rank, "num_processes": self.world}
+        table = score_table(rows[ok], [nm for nm, g in zip(names, ok) if g], probs, self.meta_base["thresholds"],
+                            self.meta_base["score_band_percent"], meta, radius=self.radius)
         meta["rows_written"] = table.num_rows
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-        write_atomic(out / shard_name(k), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-        counts["scored"] += int(ok.sum())
-        counts["unreadable"] += len(errors)
-        counts["written"] += table.num_rows
-        counts["shards"] += 1
-        if kill_after and counts["shards"] >= kill_after:  # fault injection for the resume tests
-            os._exit(137)
+        write_atomic(self.out / shard_name(k), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        for key, n in (("scored", int(ok.sum())), ("unreadable", len(errors)), ("written", table.num_rows), ("shards", 1)):
+            self.counts[key] += n
+        faults.kill_point(faults.KILL_AFTER_EXPORT_SHARDS, self.counts["shards"], at_least=True)  # the resume tests
 
-    def consume(host_probs, ready, batch) -> None:
-        if ready is not None:
-            ready.synchronize()  # the non-blocking copy to the host has landed
-        rows = batch["index"].tolist()
-        k = batch["shard"] if streaming else rows[0] // S
-        buf = buffers.setdefault(k, {"rows": [], "names": [], "ok": [], "reasons": [], "probs": []})
-        buf["rows"] += rows
-        buf["names"] += list(batch["name"])
-        buf["ok"] += batch["ok"].tolist()
-        buf["reasons"] += list(batch["reason"])
-        buf["probs"].append(host_probs.numpy())
-        bar.update(len(rows))
-        if streaming:
-            if batch["last"]:
-                finish_shard(k, batch["end"])
-        elif rows[-1] + 1 == bounds[k][1]:
-            finish_shard(k, None)
-
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    pending = None
-    with torch.inference_mode():
-        for batch in loader:
-            x = batch["x"].to(device, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = model(x)["logits"]
-            probs = torch.softmax(logits.float(), dim=-1)  # float32: bf16 probabilities would not sum to 1
-            ready = None
-            if cuda:  # copy into pinned host memory without waiting; an event says when it is there
-                probs = probs.to("cpu", non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(torch.cuda.current_stream(device))  # device's own stream: --device cuda:1 is not current
-            # Handle the previous batch only now, so the GPU runs this forward meanwhile.
-            if pending is not None:
-                consume(*pending)
-            pending = (probs, ready, batch)
-        if pending is not None:
-            consume(*pending)
-    bar.close()
-    if buffers:
-        raise RuntimeError(f"shards {sorted(buffers)} were left unfinished")  # a bug in the readers
-    return counts
+    def log_errors(self, errors: list[dict]) -> None:
+        for e in errors:
+            if self.logged < MAX_LOGGED_ERRORS:
+                self.bar.write(f"skipping unreadable image {e['path']}: {e['reason']}", file=sys.stderr)
+                self.logged += 1
+                if self.logged == MAX_LOGGED_ERRORS:
+                    self.bar.write("(further unreadable images are listed only in errors.jsonl)", file=sys.stderr)
 
 
 def finish_export(args, out: Path, pool, ident: dict, head: dict, done: set, session: dict, elapsed: float,

@@ -24,6 +24,9 @@ NUM_BRACKETS = 11
 BRACKETS = np.arange(NUM_BRACKETS)
 LOW_BRACKET_MAX = 1  # brackets 0-1: photos, noise, text, manga
 HIGH_SCORE_MIN = 5.0  # "high quality" starts at 50%
+# The acceptance threshold of every bracket for a model that records none (a supervised
+# run): FixMatch's usual cutoff. Export and report use it.
+DEFAULT_THRESHOLD = 0.95
 
 METRIC_KEYS = (
     "mae",
@@ -69,7 +72,9 @@ def _safe(x: float) -> float:
 
 
 def compute_metrics(probs, true_score, top_k: int | None = None) -> dict:
-    """All DESIGN metrics for one evaluation, as a flat dict of floats.
+    """Every evaluation metric of the project's contract (MAE, QWK, Spearman, accuracy and
+    within-one accuracy, false-positive rate, top-k precision, per-bracket recall) for one
+    evaluation, as a flat dict of floats.
 
     Per-bracket recall is `recall_<b>` (NaN where the set has no image of bracket b)."""
     probs = np.asarray(probs, dtype=np.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .heads import EmbeddingScoreModel, build_head
 from .metrics import NUM_BRACKETS
+from .targets import get_target, target_of
+
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "aessl-model"
 MODEL_FORMAT_VERSION = 1
@@ -113,9 +118,7 @@ def _check_loaded(model: nn.Module, name: str, path: Path, num_classes: int, kwa
         raise WeightsUnavailable(f"model.pretrained: none of the weights in {path} fit {name!r} (its parameter "
                                  "names do not match); is the file made for another architecture?")
     if untouched:
-        import logging
-
-        logging.getLogger(__name__).warning("model.pretrained: %d of %d parameters of %s are not in %s and stay at "
+        log.warning("model.pretrained: %d of %d parameters of %s are not in %s and stay at "
                                             "random init (first: %s)", len(untouched), total, name, path, untouched[:3])
 
 
@@ -141,10 +144,13 @@ def build_model(model_cfg, image_size: int, crop_pct: float = 1.0) -> tuple[Scor
     kwargs = dict(model_cfg.get("kwargs") or {})
     if model_cfg.get("drop_rate"):
         kwargs["drop_rate"] = float(model_cfg["drop_rate"])
-    backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), **kwargs)
+    target = get_target(model_cfg.get("target"))
+    backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), num_classes=target.outputs,
+                               **kwargs)
     info = {
         "architecture": model_cfg["name"],
         "num_classes": NUM_BRACKETS,
+        "target": target.name,
         "model_kwargs": kwargs,
         **data_config(backbone, image_size, crop_pct),
     }
@@ -219,15 +225,13 @@ def load_model_folder(path: str | Path, device="cpu") -> tuple[ScoreModel, dict]
         raise ValueError(f"{folder / 'config.json'}: not an {MODEL_FORMAT} config (format={info.get('format')!r})")
     state = load_file(str(folder / "model.safetensors"), device="cpu")
     if info.get("mode", "image") == "embedding":
-        from .embedding import EmbeddingScoreModel, build_head
-
         backbone = timm.create_model(info["architecture"], pretrained=False, num_classes=0, **info.get("model_kwargs", {}))
         head = build_head(info["head"])
         backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         return EmbeddingScoreModel(backbone, head).to(device).eval(), info
     backbone = timm.create_model(
-        info["architecture"], pretrained=False, num_classes=info["num_classes"], **info.get("model_kwargs", {})
+        info["architecture"], pretrained=False, num_classes=target_of(info).outputs, **info.get("model_kwargs", {})
     )
     backbone.load_state_dict(state)
     model = ScoreModel(backbone).to(device).eval()

@@ -47,9 +47,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .data import DataSourceError, TableSources, _is_saved_dataset, load_pool
+from .embedding import FeatureTable
 from .export import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, META_KEY, PROB_COLUMNS, source_identity
 from .metrics import NUM_BRACKETS, bracket_of
 from .overlap import TestIndex
+from .runfolder import read_run_info
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def algorithm_refusal(name: str, user_args: dict, weight: float) -> str | None:
 def _ordinal_score_weight(user_args: dict) -> float:
     if "score_loss_weight" in user_args:
         return float(user_args["score_loss_weight"])
-    from .ordinal import OrdinalMatch
+    from .algos.ordinal import OrdinalMatch
 
     return float(next(a.default for a in OrdinalMatch.get_argument() if a.name.lstrip("-") == "score_loss_weight"))
 
@@ -280,8 +282,6 @@ class PseudoSet:
     def feature_stream(self, feats: dict, train_scores):
         """(FeatureTable, scores, targets) for embedding.FeatureDraws: the labeled rows, then the
         pseudo rows found in the feature cache (one that is not, unreadable now, is dropped)."""
-        from .embedding import FeatureTable
-
         found = feats["tables"]["pseudo"]
         lost = feats["skipped"].get("pseudo", [])
         if lost:
@@ -445,10 +445,8 @@ def prepare(cfg, train_set, test_set, run_dir: Path | None, is_main: bool, broad
 def resume_refusal(run_dir: Path, info: dict) -> str | None:
     """A resumed run must draw from the same pseudo rows: the same exports (fingerprints)
     giving the same number of rows as when it started."""
-    try:
-        before = json.loads((Path(run_dir) / "run.json").read_text()).get("pseudo_labels")
-    except (OSError, ValueError):
-        return None  # no record to compare with (config.yaml already matched)
+    # no readable record: nothing to compare with (config.yaml already matched)
+    before = (read_run_info(run_dir) or {}).get("pseudo_labels")
     if not before:
         return None
     then = [(r.get("folder"), r.get("fingerprint"), r.get("kept")) for r in before.get("exports", [])]

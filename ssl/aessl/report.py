@@ -5,11 +5,15 @@ trained models, compute every DESIGN metric, draw the plots and write one self-c
 Pieces, each usable alone:
 - `open_run(path)`: a run folder or a bare `model/` folder -> `RunInput` (model config,
   training curves from metrics.jsonl, run.json, split);
-- `predict_probs(model, info, table)`: softmax bracket probabilities of every row of a table
+- `predict_probs(model, info, table)`: bracket probabilities (aessl/targets.py) of every row of a table
   (an `EvalDataset` through a `DataLoader`), with the rows that could not be read;
 - `calibration(probs, true_bracket)`: reliability bins and expected calibration error;
 - `plot_*`: matplotlib figures (Agg, no pyplot state);
 - `build_report(...)`: all of the above, written into one folder.
+- `render_html(report, images, grids)`: the page, from templates/report.html.j2 (Jinja2,
+  autoescaped).
+
+The run folder's files are read through `aessl.runfolder`, which owns their format.
 
 Conventions are those of `aessl.metrics`: predicted bracket = argmax, expected score =
 sum_b p_b * b, percent = expected score * 10, confidence = max probability.
@@ -18,7 +22,7 @@ sum_b p_b * b, percent = expected score * 10, confidence = max probability.
 from __future__ import annotations
 
 import base64
-import html
+import hashlib
 import io
 import json
 import logging
@@ -27,17 +31,37 @@ import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
+import jinja2
+import matplotlib
 import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saved
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+from sklearn.metrics import confusion_matrix
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from .metrics import (BRACKETS, HIGH_SCORE_MIN, LOW_BRACKET_MAX, NUM_BRACKETS, bracket_of, compute_metrics,
+from . import runfolder
+from .data import (MANIFEST_SUFFIXES, DataSourceError, EvalDataset, LabeledSetError, load_pool, load_scored_set,
+                   read_manifest, row_name, scan_labeled_folder, worker_init)
+from .export import resolve_device
+from .fileio import write_bytes_atomic
+from .images import UnreadableImage, load_image
+from .models import load_model_folder, resolve_model_folder
+from .scoring import bracket_probs, resolve_precision
+from .targets import target_of
+from .transforms import eval_transform
+from .metrics import (BRACKETS, DEFAULT_THRESHOLD, HIGH_SCORE_MIN, LOW_BRACKET_MAX, NUM_BRACKETS, bracket_of, compute_metrics,
                       accepted_by_threshold, confidence, default_top_k, expected_score,
                       pseudo_label_quality)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.95  # a model without per-bracket thresholds (supervised): FixMatch's cutoff
 CALIBRATION_BINS = 10
 THUMB_PX = 192  # grid cell; 24, 32, 48, 64 and 96 px images upscale to it by a whole factor
 
@@ -85,54 +109,18 @@ class RunInput:
         return np.asarray(thr, dtype=np.float64)
 
 
-def read_metrics_jsonl(path: Path) -> list[dict]:
-    """Every whole line of a run's metrics.jsonl (a line cut off by a killed run is ignored)."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: ignoring a line that is not JSON (a run killed while writing?)", path)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            log.warning("%s: ignoring a line that is not a JSON object", path)
-    return rows
-
-
 def open_run(path: str | Path, name: str | None = None) -> RunInput:
     """A run folder (holding model/) or a bare model/ folder. A model/ folder that still
     sits in its run folder brings that run's curves along."""
-    from .models import MODEL_FORMAT, resolve_model_folder
-
     given = Path(path)
     if not given.exists():
         raise ReportError(f"{given}: no such run or model folder")
     try:
         model_dir = resolve_model_folder(given)
-    except FileNotFoundError as exc:
+        info = runfolder.read_model_info(model_dir)
+    except (FileNotFoundError, runfolder.RunFolderError) as exc:
         raise ReportError(str(exc)) from None
-    try:
-        info = json.loads((model_dir / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{model_dir / 'config.json'}: cannot read model config: {exc}") from None
-    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
-        found = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise ReportError(f"{model_dir / 'config.json'}: not an {MODEL_FORMAT} config (format={found!r})")
-    run_dir = model_dir.parent if (model_dir.parent / "metrics.jsonl").is_file() or (model_dir.parent / "run.json").is_file() else None
-    run_json = None
-    if run_dir is not None and (run_dir / "run.json").is_file():
-        try:
-            run_json = json.loads((run_dir / "run.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            log.warning("%s: run.json is not JSON; ignored", run_dir)
-        if not isinstance(run_json, dict):
-            run_json = None
+    run_dir = runfolder.run_folder_of(model_dir)
     if name is None:
         if run_dir is not None:
             name = run_dir.name
@@ -141,7 +129,8 @@ def open_run(path: str | Path, name: str | None = None) -> RunInput:
         else:
             name = model_dir.name
     return RunInput(name=name, given=given, model_dir=model_dir, run_dir=run_dir, info=info,
-                    history=read_metrics_jsonl(run_dir / "metrics.jsonl") if run_dir else [], run_json=run_json)
+                    history=runfolder.read_metrics(run_dir) if run_dir else [],
+                    run_json=runfolder.read_run_info(run_dir))
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -156,33 +145,12 @@ def unique_names(names: list[str]) -> list[str]:
 def run_sources(run: RunInput) -> dict[str, str]:
     """run.json's `sources` (labeled, test, truth, ...), keeping only the string values: a
     hand-edited run.json must not break a report."""
-    sources = (run.run_json or {}).get("sources")
-    return {k: v for k, v in sources.items() if isinstance(v, str) and v} if isinstance(sources, dict) else {}
-
-
-def read_split(run_dir: Path | None):
-    """The run's split.csv (path, split) as a DataFrame; None when absent or unreadable."""
-    import pandas as pd
-
-    split = run_dir / "split.csv" if run_dir is not None else None
-    if split is None or not split.is_file():
-        return None
-    try:
-        df = pd.read_csv(split)
-    except Exception as exc:  # cut short, not csv: the report goes on without it
-        log.warning("%s: unreadable (%s); ignored", split, exc)
-        return None
-    if not {"path", "split"} <= set(df.columns):
-        log.warning("%s: needs columns 'path' and 'split'; ignored", split)
-        return None
-    return df.astype({"path": str, "split": str})
+    return runfolder.run_sources(run.run_json)
 
 
 def load_truth(path: str | Path) -> dict[str, int]:
     """truth.parquet -> {real path of the image: true bracket}. Paths in the file are
     relative to the file's folder (absolute ones are kept)."""
-    import pandas as pd
-
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"truth file not found: {path}")
@@ -212,13 +180,12 @@ def training_paths(run: RunInput) -> set[str] | None:
     labeled source in run.json); None when unknown."""
     if run.run_dir is None:
         return None
-    df = read_split(run.run_dir)
-    if df is not None:
-        return {os.path.realpath(p) for p in df.loc[df["split"] == "train", "path"]}
+    split = runfolder.read_split(run.run_dir)
+    if split is not None:
+        return {os.path.realpath(p) for p in runfolder.split_paths(split, "train")}
     labeled = run_sources(run).get("labeled")
     if not labeled or not Path(labeled).exists():
         return None
-    from .data import MANIFEST_SUFFIXES, read_manifest, scan_labeled_folder
 
     try:
         if Path(labeled).is_dir():
@@ -239,11 +206,9 @@ def test_set_identity(run: RunInput) -> str | None:
     test = run_sources(run).get("test")
     if test:
         return f"source:{os.path.realpath(test)}"
-    df = read_split(run.run_dir)
-    if df is not None:
-        import hashlib
-
-        paths = sorted(os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"])
+    split = runfolder.read_split(run.run_dir)
+    if split is not None:
+        paths = sorted(os.path.realpath(p) for p in runfolder.split_paths(split, "test"))
         return "split:" + hashlib.sha1("\n".join(paths).encode()).hexdigest()
     return None
 
@@ -257,44 +222,26 @@ def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int =
     `image`), in row order. Returns (probs N x 11, ok mask N, reason per row ('' if ok));
     rows that could not be read have ok=False and NaN probabilities. `model` must already
     be on `device`; precision as export's --precision (auto: bf16 autocast on CUDA, fp32 on
-    CPU), the softmax always in float32."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .data import EvalDataset, worker_init
-    from .export import resolve_precision
-    from .transforms import eval_transform
-
+    CPU), the softmax always in float32 (aessl/scoring.py)."""
     device = torch.device(device)
-    dtype = resolve_precision(precision, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     dataset = EvalDataset(table, eval_transform(info), int(info["image_size"]))
-    # pinned pages only where a GPU copies from them (non_blocking below)
+    # pinned pages only where a GPU copies from them (non_blocking)
     loader = DataLoader(dataset, batch_size=int(batch_size), num_workers=int(workers), shuffle=False,
                         worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda")
     n = len(dataset)
     probs = np.full((n, NUM_BRACKETS), np.nan, dtype=np.float64)
     ok = np.zeros(n, dtype=bool)
     reasons = [""] * n
-    model.eval()
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc or "score", disable=n <= batch_size, leave=False, dynamic_ncols=True):
-            idx = batch["index"].numpy()
-            good = batch["ok"].numpy().astype(bool)
-            for i, g, r in zip(idx, good, batch["reason"]):
-                if not g:
-                    reasons[i] = r
-            if not good.any():
-                continue
-            # The whole pinned batch goes over without waiting (a masked copy would be pageable);
-            # the zero tensors of unreadable rows are dropped after.
-            x = batch["x"].to(device, non_blocking=True)
-            with autocast:
-                logits = model(x)["logits"]
-            p = torch.softmax(logits.float(), dim=-1).cpu().numpy()  # float32 on the host: numpy has no bf16
-            probs[idx[good]] = p[good]
-            ok[idx[good]] = True
+    batches = tqdm(loader, desc=desc or "score", disable=n <= batch_size, leave=False, dynamic_ncols=True)
+    # A batch's unreadable rows are zero images; they are scored with it and dropped here.
+    for p, batch in bracket_probs(model, batches, device, resolve_precision(precision, device), target=target_of(info)):
+        idx = batch["index"].numpy()
+        good = batch["ok"].numpy().astype(bool)
+        for i, g, r in zip(idx, good, batch["reason"]):
+            if not g:
+                reasons[i] = r
+        probs[idx[good]] = p.numpy()[good]
+        ok[idx[good]] = True
     return probs, ok, reasons
 
 
@@ -340,8 +287,6 @@ RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", 
 def _figure(w: float, h: float, **margins):
     """A figure with fixed margins in inches-free fractions (constrained layout costs a
     third of the plotting time and every figure here has a known shape)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saved
-
     fig = Figure(figsize=(w, h), dpi=100)
     fig.subplots_adjust(**{"left": 0.11, "right": 0.97, "bottom": 0.13, "top": 0.9, **margins})
     return fig
@@ -354,15 +299,11 @@ def figure_png(fig) -> bytes:
 
 
 def _rc():
-    import matplotlib
-
     return matplotlib.rc_context(PLOT_RC)
 
 
 def plot_confusion(true_bracket, pred_bracket, title: str = ""):
     """Counts of true x predicted bracket, shaded by row share (recall per true bracket)."""
-    from sklearn.metrics import confusion_matrix
-
     cm = confusion_matrix(true_bracket, pred_bracket, labels=BRACKETS)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros_like(cm, dtype=np.float64), where=rows > 0)
@@ -452,7 +393,6 @@ def plot_curves(histories: dict[str, list[dict]]):
         isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for h in histories.values() for r in h)]
     if not keys:
         return None
-    from matplotlib.ticker import MaxNLocator
 
     cols = 3
     rows = math.ceil(len(keys) / cols)
@@ -531,9 +471,7 @@ def plot_pseudo_quality(quality: dict, counts, title: str = ""):
 def thumbnail(path, size: int = THUMB_PX):
     """A size x size RGB tile: small images upscaled by a whole factor with nearest-neighbour
     (pixels stay sharp), large ones shrunk; letterboxed on light grey."""
-    from PIL import Image
 
-    from .images import UnreadableImage, load_image
 
     tile = Image.new("RGB", (size, size), (235, 235, 235))
     try:
@@ -640,8 +578,6 @@ def unique_slugs(names: list[str]) -> dict[str, str]:
 def _read_input(flag: str, source, load):
     """load(), with any failure but the data module's own clear ones said as a ReportError
     that names the flag and the source."""
-    from .data import DataSourceError, LabeledSetError
-
     try:
         return load()
     except (ReportError, DataSourceError, LabeledSetError):
@@ -676,6 +612,44 @@ def best_runs(values: dict[str, float], better: str | None) -> set[str]:
     return set() if len(best) == len(values) else best
 
 
+@dataclass
+class _Scoring:
+    """How every model of one report scores a table."""
+
+    batch_size: int
+    workers: int
+    device: object
+    precision: str
+
+    def probs(self, model, info: dict, table, desc: str):
+        return predict_probs(model, info, table, self.batch_size, self.workers, self.device, desc=desc,
+                             precision=self.precision)
+
+
+@dataclass
+class _ScoredSet:
+    """The scored set every run is measured on."""
+
+    table: object
+    paths: list[str]
+    true_score: np.ndarray
+    true_bracket: np.ndarray
+    top_k: int
+
+
+@dataclass
+class _Pool:
+    """The unlabeled pool while the runs score it in turn: row names, unreadable rows and
+    truth files are found once for all runs."""
+
+    source: str | Path
+    table: object
+    truth_file: Path | None
+    paths: list[str] | None = None
+    skipped: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (name, reason); byte rows' names repeat
+    truths: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
 def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool: str | Path | None = None,
                  truth: str | Path | None = None, batch_size: int = 64, top_k: int | None = None, grid: int = 12,
                  workers: int | None = None, device: str | None = None, pool_limit: int | None = None,
@@ -685,12 +659,6 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     Returns what metrics.json holds. Raises ReportError / LabeledSetError / DataSourceError
     on bad inputs before anything is written. `device`: auto (None), cpu, cuda or cuda:N;
     `precision`: auto (bf16 autocast on CUDA), fp32, bf16 or fp16."""
-    import pandas as pd
-
-    from .data import load_pool, load_scored_set
-    from .export import resolve_device
-    from .models import load_model_folder
-
     if not runs:
         raise ReportError("give at least one run or model folder")
     try:
@@ -707,171 +675,231 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     if truth_file is not None and not truth_file.is_file():
         raise ReportError(f"truth file not found: {truth_file}")
     # validated whole: a bad image stops here with the full list
-    scored = _read_input("--data", data, lambda: load_scored_set(data))
+    table = _read_input("--data", data, lambda: load_scored_set(data))
     pool_table = _read_input("--pool", pool, lambda: load_pool(str(pool), limit=pool_limit)) if pool else None
-    workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
+    scoring = _Scoring(batch_size, min(4, os.cpu_count() or 1) if workers is None else int(workers), device, precision)
 
-    paths = list(scored["path"])
-    true_score = np.asarray(scored["score"], dtype=np.float64)
-    true_bracket = bracket_of(true_score)
-    k = int(top_k) if top_k else default_top_k(len(paths))
+    paths = list(table["path"])
+    true_score = np.asarray(table["score"], dtype=np.float64)
+    scored = _ScoredSet(table, paths, true_score, bracket_of(true_score),
+                        int(top_k) if top_k else default_top_k(len(paths)))
     notes = _data_notes(inputs, data, paths)
-
+    pool_state = _Pool(pool, pool_table, truth_file) if pool_table is not None else None
     results: dict[str, dict] = {}
     pred_frames, pool_frames = [], []
-    pool_skipped: dict[int, tuple[str, str]] = {}  # row -> (name, reason); names of byte rows repeat
-    pool_paths = None
-    truths: dict[str, dict[str, int]] = {}
     for inp in inputs:
-        log.info("scoring %d images with %s (%s, %d px)", len(paths), inp.name, inp.info["architecture"], inp.info["image_size"])
-        try:
-            model, _ = load_model_folder(inp.model_dir, device=device)
-        except Exception as exc:
-            raise ReportError(f"{inp.model_dir}: cannot load the model: {type(exc).__name__}: {exc}") from None
-        probs, ok, reasons = predict_probs(model, inp.info, scored, batch_size, workers, device, desc=f"score {inp.name}",
-                                           precision=precision)
-        if not ok.all():  # validated above; the files changed under us
-            bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
-            raise ReportError(f"{len(bad)} scored image(s) became unreadable: " + "; ".join(bad[:5]))
-        metrics = compute_metrics(probs, true_score, top_k=k)
-        cal = calibration(probs, true_bracket)
-        metrics["ece"] = cal["ece"]
-        last = inp.history[-1] if inp.history else {}
-        metrics["skipped_images"] = last.get("skipped_images") if inp.history else None
-        entry = {
-            "source": str(inp.given), "model_dir": str(inp.model_dir),
-            "run_dir": str(inp.run_dir) if inp.run_dir else None,
-            "architecture": inp.info.get("architecture"), "image_size": inp.info.get("image_size"),
-            "algorithm": inp.info.get("algorithm"), "trained_steps": inp.info.get("trained_steps"),
-            "thresholds": inp.thresholds.tolist(), "model_thresholds": list(inp.info.get("thresholds") or []), "metrics": metrics, "calibration": cal,
-            "last_training_eval": {k2: last.get(k2) for k2 in ("step", "mae", "qwk", "false_positive_rate")} if last else None,
-            "probs": probs,
-        }
-        score = expected_score(probs)
-        frame = pd.DataFrame({"run": inp.name, "path": paths, "score": true_score, "bracket": true_bracket,
-                              "expected_score": score, "percent": 10 * score, "pred_bracket": probs.argmax(1),
-                              "confidence": probs.max(1)})
-        for b in BRACKETS:
-            frame[f"p_{b}"] = probs[:, b]
+        results[inp.name], frame, pool_frame = _score_run(inp, scoring, scored, pool_state, notes)
         pred_frames.append(frame)
-
-        if pool_table is not None:
-            pprobs, pok, preasons = predict_probs(model, inp.info, pool_table, batch_size, workers, device,
-                                                  desc=f"pool {inp.name}", precision=precision)
-            from .data import row_name
-
-            if pool_paths is None:
-                pool_paths = [str(p) for p in pool_table["path"]] if "path" in pool_table.column_names else \
-                    [n if n != "<bytes>" else f"{pool}[row {i}]" for i, n in
-                     ((i, row_name(pool_table[i])) for i in range(len(pool_table)))]
-            for i in np.flatnonzero(~pok):
-                pool_skipped.setdefault(int(i), (pool_paths[i], preasons[i]))
-            if not pok.any():  # a wrong folder or a format nobody can read: no pool part to show
-                name, why = pool_skipped[min(pool_skipped)]
-                raise ReportError(f"--pool {pool}: none of its {len(pok)} image(s) could be read (e.g. {name}: {why})")
-            pprobs = pprobs[pok]
-            kept = [p for p, g in zip(pool_paths, pok) if g]
-            pscore = expected_score(pprobs)
-            accepted = accepted_by_threshold(pprobs, inp.thresholds, int(inp.info.get("confidence_radius", 0)))
-            pool_entry = {
-                "images_scored": int(pok.sum()), "mean_percent": float(np.mean(10 * pscore)) if len(pscore) else None,
-                "share_at_least_50": float(np.mean(pscore >= HIGH_SCORE_MIN)) if len(pscore) else None,
-                "accepted_share": float(np.mean(accepted)) if len(pscore) else None,
-                "percent": 10 * pscore, "truth": None, "pseudo_label_quality": None,
-            }
-            tfile = truth_file or _run_truth(inp)
-            tb = np.full(len(kept), -1, dtype=np.int64)
-            if tfile is not None:
-                key = str(tfile.resolve())
-                if key not in truths:
-                    truths[key] = load_truth(tfile)
-                table = truths[key]
-                tb = np.array([table.get(os.path.realpath(p), -1) for p in kept], dtype=np.int64)
-                known = tb >= 0
-                pool_entry["truth"] = str(tfile)
-                pool_entry["truth_matched"] = int(known.sum())
-                if known.any():
-                    q = pseudo_label_quality(pprobs[known], tb[known], accepted[known])
-                    pool_entry["pseudo_label_quality"] = q
-                    pool_entry["truth_counts"] = np.bincount(tb[known], minlength=NUM_BRACKETS).tolist()
-                else:
-                    notes.append(f"{inp.name}: none of the {len(kept)} pool images is listed in the truth file {tfile}; "
-                                 "no pseudo-label accuracy")
-            entry["pool"] = pool_entry
-            pf = pd.DataFrame({"run": inp.name, "path": kept, "expected_score": pscore, "percent": 10 * pscore,
-                               "pred_bracket": pprobs.argmax(1), "confidence": confidence(pprobs, int(inp.info.get("confidence_radius", 0))), "accepted": accepted,
-                               "true_bracket": pd.Series(tb, dtype="Int64").mask(tb < 0)})
-            for b in BRACKETS:
-                pf[f"p_{b}"] = pprobs[:, b]
-            pool_frames.append(pf)
-        results[inp.name] = entry
-        del model
-    if pool_skipped:
-        log.warning("skipped %d unreadable pool image(s), e.g. %s: %s", len(pool_skipped), *next(iter(pool_skipped.values())))
+        if pool_frame is not None:
+            pool_frames.append(pool_frame)
+    if pool_state is not None and pool_state.skipped:
+        log.warning("skipped %d unreadable pool image(s), e.g. %s: %s", len(pool_state.skipped),
+                    *next(iter(pool_state.skipped.values())))
     if truth_file is not None and pool_table is None:
         notes.append("--truth was given without --pool: pseudo-label quality needs the pool images")
 
-    # ---- figures
+    histories = {inp.name: inp.history for inp in inputs if inp.history}
+    images = _draw_figures(results, histories, scored, grid, with_pool=pool_table is not None)
+    try:  # created only now: inputs that fail above leave no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot create the folder ({exc})") from None
+    for img in images.values():
+        write_bytes_atomic(out / img.file, img.data)
+
+    report = _report_dict(data, scored, results, pool_state, notes)
+    write_bytes_atomic(out / "metrics.json", json.dumps(report, indent=1).encode())
+    _write_predictions(out, pred_frames, pool_frames)
+    write_bytes_atomic(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
+    return report
+
+
+def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool | None, notes: list[str]):
+    """(the run's entry in the report, its prediction rows, its pool prediction rows or
+    None). The model is loaded for this run only."""
+    paths = scored.paths
+    log.info("scoring %d images with %s (%s, %d px)", len(paths), inp.name, inp.info["architecture"], inp.info["image_size"])
+    try:
+        model, _ = load_model_folder(inp.model_dir, device=scoring.device)
+    except Exception as exc:
+        raise ReportError(f"{inp.model_dir}: cannot load the model: {type(exc).__name__}: {exc}") from None
+    probs, ok, reasons = scoring.probs(model, inp.info, scored.table, f"score {inp.name}")
+    if not ok.all():  # validated above; the files changed under us
+        bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
+        raise ReportError(f"{len(bad)} scored image(s) became unreadable: " + "; ".join(bad[:5]))
+    entry = _run_entry(inp, probs, scored)
+    frame = _prediction_frame(inp.name, probs, scored)
+    pool_frame = None
+    if pool is not None:
+        entry["pool"], pool_frame = _score_pool(inp, model, scoring, pool, notes)
+    return entry, frame, pool_frame
+
+
+def _run_entry(inp: RunInput, probs: np.ndarray, scored: _ScoredSet) -> dict:
+    """Metrics, calibration and what the run's folder says, for one run."""
+    metrics = compute_metrics(probs, scored.true_score, top_k=scored.top_k)
+    cal = calibration(probs, scored.true_bracket)
+    metrics["ece"] = cal["ece"]
+    last = inp.history[-1] if inp.history else {}
+    metrics["skipped_images"] = last.get("skipped_images") if inp.history else None
+    return {
+        "source": str(inp.given), "model_dir": str(inp.model_dir),
+        "run_dir": str(inp.run_dir) if inp.run_dir else None,
+        "architecture": inp.info.get("architecture"), "image_size": inp.info.get("image_size"),
+        "algorithm": inp.info.get("algorithm"), "trained_steps": inp.info.get("trained_steps"),
+        "target": target_of(inp.info).name, "thresholds": inp.thresholds.tolist(), "model_thresholds": list(inp.info.get("thresholds") or []),
+        "metrics": metrics, "calibration": cal,
+        "last_training_eval": {k: last.get(k) for k in ("step", "mae", "qwk", "false_positive_rate")} if last else None,
+        "probs": probs,
+    }
+
+
+def _prediction_frame(name: str, probs: np.ndarray, scored: _ScoredSet):
+    """predictions.parquet rows of one run: one per scored image."""
+    score = expected_score(probs)
+    frame = pd.DataFrame({"run": name, "path": scored.paths, "score": scored.true_score, "bracket": scored.true_bracket,
+                          "expected_score": score, "percent": 10 * score, "pred_bracket": probs.argmax(1),
+                          "confidence": probs.max(1)})
+    for b in BRACKETS:
+        frame[f"p_{b}"] = probs[:, b]
+    return frame
+
+
+def _score_pool(inp: RunInput, model, scoring: _Scoring, pool: _Pool, notes: list[str]):
+    """(the run's pool entry in the report, its pool_predictions.parquet rows)."""
+
+
+    pprobs, pok, preasons = scoring.probs(model, inp.info, pool.table, f"pool {inp.name}")
+    if pool.paths is None:
+        pool.paths = [str(p) for p in pool.table["path"]] if "path" in pool.table.column_names else \
+            [n if n != "<bytes>" else f"{pool.source}[row {i}]" for i, n in
+             ((i, row_name(pool.table[i])) for i in range(len(pool.table)))]
+    for i in np.flatnonzero(~pok):
+        pool.skipped.setdefault(int(i), (pool.paths[i], preasons[i]))
+    if not pok.any():  # a wrong folder or a format nobody can read: no pool part to show
+        name, why = pool.skipped[min(pool.skipped)]
+        raise ReportError(f"--pool {pool.source}: none of its {len(pok)} image(s) could be read (e.g. {name}: {why})")
+    pprobs = pprobs[pok]
+    kept = [p for p, g in zip(pool.paths, pok) if g]
+    pscore = expected_score(pprobs)
+    radius = int(inp.info.get("confidence_radius", 0))
+    accepted = accepted_by_threshold(pprobs, inp.thresholds, radius)
+    entry = {
+        "images_scored": int(pok.sum()), "mean_percent": float(np.mean(10 * pscore)) if len(pscore) else None,
+        "share_at_least_50": float(np.mean(pscore >= HIGH_SCORE_MIN)) if len(pscore) else None,
+        "accepted_share": float(np.mean(accepted)) if len(pscore) else None,
+        "percent": 10 * pscore, "truth": None, "pseudo_label_quality": None,
+    }
+    tb = _pool_truth(inp, pool, kept, pprobs, accepted, entry, notes)
+    frame = pd.DataFrame({"run": inp.name, "path": kept, "expected_score": pscore, "percent": 10 * pscore,
+                          "pred_bracket": pprobs.argmax(1), "confidence": confidence(pprobs, radius), "accepted": accepted,
+                          "true_bracket": pd.Series(tb, dtype="Int64").mask(tb < 0)})
+    for b in BRACKETS:
+        frame[f"p_{b}"] = pprobs[:, b]
+    return entry, frame
+
+
+def _pool_truth(inp: RunInput, pool: _Pool, kept: list[str], pprobs, accepted, entry: dict, notes: list[str]) -> np.ndarray:
+    """True bracket of each scored pool image (-1: unknown) from --truth or the run's own
+    truth file; fills the entry's truth figures (pseudo-label quality) where any is known."""
+    tfile = pool.truth_file or _run_truth(inp)
+    tb = np.full(len(kept), -1, dtype=np.int64)
+    if tfile is None:
+        return tb
+    key = str(tfile.resolve())
+    if key not in pool.truths:
+        pool.truths[key] = load_truth(tfile)
+    table = pool.truths[key]
+    tb = np.array([table.get(os.path.realpath(p), -1) for p in kept], dtype=np.int64)
+    known = tb >= 0
+    entry["truth"] = str(tfile)
+    entry["truth_matched"] = int(known.sum())
+    if known.any():
+        entry["pseudo_label_quality"] = pseudo_label_quality(pprobs[known], tb[known], accepted[known])
+        entry["truth_counts"] = np.bincount(tb[known], minlength=NUM_BRACKETS).tolist()
+    else:
+        notes.append(f"{inp.name}: none of the {len(kept)} pool images is listed in the truth file {tfile}; "
+                     "no pseudo-label accuracy")
+    return tb
+
+
+def _draw_figures(results: dict[str, dict], histories: dict[str, list[dict]], scored: _ScoredSet, grid: int,
+                  with_pool: bool) -> dict[str, Png]:
+    """Every plot of the report, keyed as render_html finds them ('confusion/<run>', 'curves', ...)."""
     images: dict[str, Png] = {}
 
     def keep(key: str, file: str, fig):
         if fig is not None:
             images[key] = Png(file, figure_png(fig))
 
-    names = list(results)
-    slugs = unique_slugs(names)
-    cols = 6
+    true_bracket = scored.true_bracket
+    slugs = unique_slugs(list(results))
     for name, r in results.items():
         s = slugs[name]
         probs = r["probs"]
         keep(f"confusion/{name}", f"confusion_{s}.png", plot_confusion(true_bracket, probs.argmax(1)))
-        keep(f"hist/{name}", f"score_hist_{s}.png", plot_score_histogram(true_score, probs))
+        keep(f"hist/{name}", f"score_hist_{s}.png", plot_score_histogram(scored.true_score, probs))
         keep(f"reliability/{name}", f"reliability_{s}.png", plot_reliability(r["calibration"]))
         keep(f"recall/{name}", f"recall_{s}.png", plot_recall(r["metrics"], true_bracket))
         for kind, _, _ in GRIDS:
             keep(f"grid_{kind}/{name}", f"grid_{kind}_{s}.png",
-                 plot_image_grid(grid_items(kind, paths, true_bracket, probs, grid), cols=cols))
+                 plot_image_grid(grid_items(kind, scored.paths, true_bracket, probs, grid), cols=6))
         pq = (r.get("pool") or {}).get("pseudo_label_quality")
         if pq:
             keep(f"pseudo/{name}", f"pseudo_quality_{s}.png", plot_pseudo_quality(pq, r["pool"]["truth_counts"]))
-    histories = {n: inp.history for n, inp in zip(names, inputs) if inp.history}
     if histories:
         keep("curves", "training_curves.png", plot_curves(histories))
-    if pool_table is not None:
+    if with_pool:
         keep("pool", "pool_histogram.png", plot_pool_histogram({n: r["pool"]["percent"] for n, r in results.items()}))
-    try:  # created only now: inputs that fail above leave no folder behind
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ReportError(f"--out {out}: cannot create the folder ({exc})") from None
-    for img in images.values():
-        _atomic_write(out / img.file, img.data)
+    return images
 
-    # ---- tables and files
+
+def _report_dict(data, scored: _ScoredSet, results: dict[str, dict], pool: _Pool | None, notes: list[str]) -> dict:
+    """What metrics.json holds (JSON-safe): the runs' entries without their probabilities,
+    the best run of each table row, the pool's summary."""
+    names = list(results)
     best = {key: sorted(best_runs({n: results[n]["metrics"].get(key) for n in names}, better))
             for key, _, better in TABLE_ROWS}
     pool_summary = None
-    if pool_table is not None:
-        pool_summary = {"source": str(pool), "num_images": len(pool_table), "skipped": len(pool_skipped),
-                        "skipped_examples": [{"path": p, "reason": why} for p, why in list(pool_skipped.values())[:100]]}
+    if pool is not None:
+        pool_summary = {"source": str(pool.source), "num_images": len(pool.table), "skipped": len(pool.skipped),
+                        "skipped_examples": [{"path": p, "reason": why} for p, why in list(pool.skipped.values())[:100]]}
     report = {
-        "data": str(data), "num_images": len(paths), "top_k": k,
-        "true_histogram": np.bincount(true_bracket, minlength=NUM_BRACKETS).tolist(),
+        "data": str(data), "num_images": len(scored.paths), "top_k": scored.top_k,
+        "true_histogram": np.bincount(scored.true_bracket, minlength=NUM_BRACKETS).tolist(),
         "run_names": names, "pool": pool_summary, "notes": notes, "best": best,
+        "disagreements": disagreements(scored, {n: results[n]["probs"] for n in names}),
         "generated": datetime.now().isoformat(timespec="seconds"),
-        "runs": {n: {k2: v for k2, v in r.items() if k2 not in ("probs", "calibration")} | {
+        "runs": {n: {k: v for k, v in r.items() if k not in ("probs", "calibration")} | {
             "calibration_bins": {kk: r["calibration"][kk] for kk in ("count", "accuracy", "confidence")}}
             for n, r in results.items()},
     }
     for r in report["runs"].values():
         if r.get("pool"):
             r["pool"] = {kk: v for kk, v in r["pool"].items() if kk != "percent"}
-    report = _clean(report)
-    _atomic_write(out / "metrics.json", json.dumps(report, indent=1).encode())
-    _atomic_write(out / "predictions.parquet", _parquet_bytes(pd.concat(pred_frames, ignore_index=True)))
+    return _clean(report)
+
+
+DISAGREEMENTS = 10  # rows of the report's "where the runs disagree" table
+
+
+def disagreements(scored: _ScoredSet, probs: dict[str, np.ndarray], n: int = DISAGREEMENTS) -> list[dict]:
+    """The `n` scored images whose expected scores differ most between runs (max - min),
+    largest first, ties by path: where choosing one model over another changes the answer.
+    [] with fewer than two runs."""
+    if len(probs) < 2:
+        return []
+    scores = np.stack([expected_score(p) for p in probs.values()])  # [runs, images]
+    spread = np.nan_to_num(scores.max(0) - scores.min(0), nan=-1.0)  # an image a run could not read: last
+    order = sorted(range(len(spread)), key=lambda i: (-spread[i], scored.paths[i]))[:n]
+    return [{"path": scored.paths[i], "true_score": float(scored.true_score[i]), "spread": float(spread[i]),
+             "scores": {name: float(scores[k, i]) for k, name in enumerate(probs)}} for i in order]
+
+
+def _write_predictions(out: Path, pred_frames: list, pool_frames: list) -> None:
+    write_bytes_atomic(out / "predictions.parquet", _parquet_bytes(pd.concat(pred_frames, ignore_index=True)))
     if pool_frames:
-        _atomic_write(out / "pool_predictions.parquet", _parquet_bytes(pd.concat(pool_frames, ignore_index=True)))
-    _atomic_write(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
-    return report
+        write_bytes_atomic(out / "pool_predictions.parquet", _parquet_bytes(pd.concat(pool_frames, ignore_index=True)))
 
 
 def _run_truth(inp: RunInput) -> Path | None:
@@ -905,8 +933,8 @@ def _data_notes(inputs: list[RunInput], data, paths: list[str]) -> list[str]:
         if test and os.path.realpath(test) != os.path.realpath(str(data)):
             notes.append(f"{inp.name}: evaluated during training on {test}; this report scores {data}.")
         elif not test and (ids.get(inp.name) or "").startswith("split:"):
-            df = read_split(inp.run_dir)
-            if df is not None and {os.path.realpath(p) for p in df.loc[df["split"] == "test", "path"]} != real:
+            split = runfolder.read_split(inp.run_dir)
+            if split is not None and {os.path.realpath(p) for p in runfolder.split_paths(split, "test")} != real:
                 notes.append(f"{inp.name}: evaluated during training on the test split carved from its labeled set "
                              f"(split.csv); this report scores {data}.")
     sizes = {inp.info.get("image_size") for inp in inputs}
@@ -927,35 +955,30 @@ def _parquet_bytes(frame) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- HTML
+# The page is templates/report.html.j2 (Jinja2, autoescaped); the functions below turn
+# metrics.json's content into what the template shows, one part of the page each.
 
-CSS = """
-body{font-family:'DejaVu Sans','Liberation Sans',Arial,sans-serif;margin:24px 32px;color:#1a1a1a;font-size:15px;line-height:1.45;background:#fff}
-h1{font-size:26px;margin:0 0 6px}h2{font-size:21px;margin:34px 0 10px;border-bottom:2px solid #ddd;padding-bottom:4px}
-h3{font-size:17px;margin:22px 0 6px}h4{font-size:15px;margin:14px 0 4px;color:#333}
-.meta{color:#444;margin:2px 0}.muted{color:#666;font-size:13px}
-nav a{margin-right:14px;color:#0a58ca;text-decoration:none}
-.notes{background:#fff6e0;border-left:4px solid #e0a800;padding:8px 14px;margin:14px 0}.notes li{margin:3px 0}
-table.metrics{border-collapse:collapse;margin:8px 0;font-size:15px}
-table.metrics th,table.metrics td{border-bottom:1px solid #e3e3e3;padding:5px 14px;text-align:right}
-table.metrics th:first-child,table.metrics td:first-child{text-align:left}
-table.metrics thead th{background:#f3f5f8;border-bottom:2px solid #bbb}
-table.metrics td.best{font-weight:bold;background:#dff3e2;color:#0b5a1e}
-table.metrics tr.group td{background:#fafafa;color:#555;font-size:13px;text-align:left;padding-top:9px}
-.cols{display:grid;gap:18px;align-items:start}
-.cols figure{margin:0}
-figure img,.wide img{max-width:100%;height:auto;display:block}
-figcaption{font-size:13px;color:#555;margin-top:2px}
-.runhead{font-weight:bold;font-size:16px;border-bottom:1px solid #ccc;padding-bottom:3px}
-dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px;margin:4px 0}
-dl.kv dt{color:#555}dl.kv dd{margin:0;word-break:break-all}
-"""
+PLOT_SECTIONS = (  # (image key, title, caption) of the plots shown side by side per run
+    ("confusion", "Confusion matrix", "Rows: true bracket; columns: predicted bracket (argmax). Numbers are counts; "
+                                      "the shade is the share of the row, so the diagonal shade is the recall."),
+    ("hist", "Predicted vs true scores", "Images per bracket: the truth, the argmax and the expected score rounded."),
+    ("reliability", "Reliability", "Confidence of the argmax against how often it is right, in 10 bins; "
+                                   "bars under the diagonal: over-confident."),
+    ("recall", "Recall per bracket", "Red: brackets 0–1, the images a filter must catch."),
+)
+POOL_ROWS = (("mean_percent", "mean predicted percent"), ("share_at_least_50", "share scored ≥ 50%"),
+             ("accepted_share", "share a threshold accepts"))
+POOL_TRUTH_ROWS = (("pseudo_accuracy", "pseudo-label accuracy (truth)"),
+                   ("pseudo_coverage", "pseudo-label coverage (truth)"))
+
+
+@lru_cache(maxsize=1)
+def _template():
+    env = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=False)
+    return env.get_template("report.html.j2")
 
 
 def _uri(img: Png) -> str:
@@ -971,140 +994,115 @@ def _fmt(v, key: str = "") -> str:
 
 
 def render_html(report: dict, images: dict[str, Png], grids: dict) -> str:
-    e = html.escape
+    """The report page from what metrics.json holds, the plots (embedded as data: URIs) and
+    the grids' {kind: (kind, title, caption)}."""
     names = report["run_names"]
-    runs = report["runs"]
-    ncol = len(names)
-    cols_style = f'style="grid-template-columns:repeat({ncol},minmax(420px,1fr))"'
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             f"<title>aessl report: {e(', '.join(names))}</title><style>{CSS}</style></head><body>",
-             "<h1>Evaluation report</h1>",
-             f"<p class='meta'>scored set <b>{e(report['data'])}</b>: {report['num_images']} images; "
-             f"true brackets 0–10: {e(' · '.join(map(str, report['true_histogram'])))}</p>",
-             f"<p class='meta'>runs: {e(', '.join(names))} · top-K with K = {report['top_k']} · generated {e(report['generated'])}</p>",
-             "<nav><a href='#metrics'>metrics</a><a href='#per-run'>plots per run</a><a href='#images'>image grids</a>"
-             "<a href='#curves'>training curves</a>" + ("<a href='#pool'>unlabeled pool</a>" if report["pool"] else "")
-             + "<a href='#runs'>run details</a></nav>"]
-    if report["notes"]:
-        parts.append("<div class='notes'><b>Notes on the data</b><ul>" + "".join(f"<li>{e(n)}</li>" for n in report["notes"]) + "</ul></div>")
+    return _template().render(
+        report=report, names=names, pool=report["pool"],
+        table=_metric_table(report),
+        plot_sections=_plot_sections(report, images),
+        grid_sections=_grid_sections(names, images, grids),
+        curves=_uri(images["curves"]) if "curves" in images else None,
+        pool_histogram=_uri(images["pool"]) if "pool" in images else None,
+        pseudo=_pseudo_figures(report, images),
+        details=[{"name": n, "fields": _run_fields(report["runs"][n])} for n in names],
+    )
 
-    # metrics table
-    parts.append("<h2 id='metrics'>Metrics</h2>")
-    parts.append("<p class='muted'>Every run scored on the same images. "
-                 + ("Best value of each row in <b style='background:#dff3e2;color:#0b5a1e;padding:0 4px'>bold green</b> "
-                    "(lower is better for MAE, false-positive rate and calibration error; higher for the rest; "
-                    "rows where all runs agree are not marked)." if ncol > 1 else "")
-                 + " Recall of bracket b: share of its images whose argmax is b (n = images of that bracket).</p>")
+
+def _metric_table(report: dict) -> list[dict]:
+    """Rows of the metrics table: {'group': heading} or {'label', 'cells': [{'text', 'best'}]}."""
+    names, runs = report["run_names"], report["runs"]
     hist = report["true_histogram"]
-    rows = ["<table class='metrics'><thead><tr><th>metric</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr></thead><tbody>"]
+    rows = []
     for key, label, better in TABLE_ROWS:
         if key == "recall_0":
-            rows.append(f"<tr class='group'><td colspan='{ncol + 1}'>per-bracket recall</td></tr>")
+            rows.append(_group_row("per-bracket recall"))
         if key == "skipped_images":
-            rows.append(f"<tr class='group'><td colspan='{ncol + 1}'>data</td></tr>")
+            rows.append(_group_row("data"))
         if key == "top_k_precision":
             label = f"top-K precision (K = {report['top_k']})"
         if key.startswith("recall_"):
             label = f"{label} (n = {hist[int(key.split('_')[1])]})"
         arrow = {"low": " ↓", "high": " ↑"}.get(better, "")
-        cells = []
-        for n in names:
-            v = runs[n]["metrics"].get(key)
-            cls = " class='best'" if n in report["best"].get(key, []) else ""
-            cells.append(f"<td{cls}>{_fmt(v, key)}</td>")
-        rows.append(f"<tr><td>{e(label)}{arrow}</td>{''.join(cells)}</tr>")
+        best = report["best"].get(key, [])
+        rows.append(_row(label + arrow, [(_fmt(runs[n]["metrics"].get(key), key), n in best) for n in names]))
     if report["pool"]:
-        rows.append(f"<tr class='group'><td colspan='{ncol + 1}'>unlabeled pool ({e(report['pool']['source'])})</td></tr>")
-        for key, label in (("mean_percent", "mean predicted percent"), ("share_at_least_50", "share scored ≥ 50%"),
-                           ("accepted_share", "share a threshold accepts")):
-            rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt((runs[n].get('pool') or {}).get(key))}</td>" for n in names) + "</tr>")
-        for key, label in (("pseudo_accuracy", "pseudo-label accuracy (truth)"), ("pseudo_coverage", "pseudo-label coverage (truth)")):
-            vals = [((runs[n].get("pool") or {}).get("pseudo_label_quality") or {}).get(key) for n in names]
+        rows.append(_group_row(f"unlabeled pool ({report['pool']['source']})"))
+        pools = [runs[n].get("pool") or {} for n in names]
+        for key, label in POOL_ROWS:
+            rows.append(_row(label, [(_fmt(p.get(key)), False) for p in pools]))
+        for key, label in POOL_TRUTH_ROWS:
+            vals = [(p.get("pseudo_label_quality") or {}).get(key) for p in pools]
             if any(v is not None for v in vals):
-                rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in vals) + "</tr>")
-    rows.append("</tbody></table>")
-    parts.extend(rows)
+                rows.append(_row(label, [(_fmt(v), False) for v in vals]))
+    return rows
 
-    # per-run plots, side by side
-    parts.append("<h2 id='per-run'>Plots per run</h2>")
-    for key, title, caption in (
-        ("confusion", "Confusion matrix", "Rows: true bracket; columns: predicted bracket (argmax). Numbers are counts; "
-                                          "the shade is the share of the row, so the diagonal shade is the recall."),
-        ("hist", "Predicted vs true scores", "Images per bracket: the truth, the argmax and the expected score rounded."),
-        ("reliability", "Reliability", "Confidence of the argmax against how often it is right, in 10 bins; "
-                                       "bars under the diagonal: over-confident."),
-        ("recall", "Recall per bracket", "Red: brackets 0–1, the images a filter must catch."),
-    ):
-        parts.append(f"<h3>{title}</h3><p class='muted'>{e(caption)}</p><div class='cols' {cols_style}>")
-        for n in names:
+
+def _group_row(heading: str) -> dict:
+    return {"group": heading, "label": None, "cells": []}
+
+
+def _row(label: str, cells: list[tuple[str, bool]]) -> dict:
+    return {"group": None, "label": label, "cells": [{"text": t, "best": b} for t, b in cells]}
+
+
+def _plot_sections(report: dict, images: dict[str, Png]) -> list[dict]:
+    """The per-run plots: one section per kind, one figure per run ({'head', 'alt', 'uri' or None})."""
+    runs = report["runs"]
+    sections = []
+    for key, title, caption in PLOT_SECTIONS:
+        figures = []
+        for n in report["run_names"]:
             img = images.get(f"{key}/{n}")
-            extra = f" · ECE {runs[n]['metrics']['ece']:.3f}" if key == "reliability" and runs[n]["metrics"].get("ece") is not None else ""
-            parts.append(f"<figure><div class='runhead'>{e(n)}{e(extra)}</div>"
-                         + (f"<img alt='{e(key)} {e(n)}' src='{_uri(img)}'>" if img else "<p class='muted'>nothing to plot</p>")
-                         + "</figure>")
-        parts.append("</div>")
+            ece = runs[n]["metrics"].get("ece")
+            extra = f" · ECE {ece:.3f}" if key == "reliability" and ece is not None else ""
+            figures.append({"head": n + extra, "alt": f"{key} {n}", "uri": _uri(img) if img else None})
+        sections.append({"title": title, "caption": caption, "figures": figures})
+    return sections
 
-    # image grids
-    parts.append("<h2 id='images'>Image grids</h2>")
+
+def _grid_sections(names: list[str], images: dict[str, Png], grids: dict) -> list[dict]:
+    """The image grids: one section per kind, one grid per run ({'name', 'alt', 'uri' or None})."""
+    sections = []
     for kind, (_, title, caption) in grids.items():
-        parts.append(f"<h3>{e(title)}</h3><p class='muted'>{e(caption)}</p>")
+        items = []
         for n in names:
             img = images.get(f"grid_{kind}/{n}")
-            parts.append(f"<h4>{e(n)}</h4>" + (f"<div class='wide'><img alt='{e(title)} {e(n)}' src='{_uri(img)}'></div>" if img
-                                              else "<p class='muted'>no such images in the scored set</p>"))
+            items.append({"name": n, "alt": f"{title} {n}", "uri": _uri(img) if img else None})
+        sections.append({"title": title, "caption": caption, "grids": items})
+    return sections
 
-    # curves
-    parts.append("<h2 id='curves'>Training curves</h2>")
-    if "curves" in images:
-        parts.append("<p class='muted'>From each run's metrics.jsonl (evaluated on the run's own test set during training).</p>"
-                     f"<div class='wide'><img alt='training curves' src='{_uri(images['curves'])}'></div>")
-    else:
-        parts.append("<p class='muted'>No run folder with a metrics.jsonl among the inputs.</p>")
 
-    # pool
-    if report["pool"]:
-        p = report["pool"]
-        parts.append("<h2 id='pool'>Unlabeled pool</h2>")
-        parts.append(f"<p class='meta'>{e(p['source'])}: {p['num_images']} images, {p['skipped']} unreadable and skipped.</p>")
-        if p["skipped_examples"]:
-            parts.append("<ul class='muted'>" + "".join(f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in p["skipped_examples"][:10]) + "</ul>")
-        if "pool" in images:
-            parts.append(f"<div class='wide' style='max-width:900px'><img alt='pool histogram' src='{_uri(images['pool'])}'></div>")
-        if any(f"pseudo/{n}" in images for n in names):
-            parts.append("<h3>Pseudo-labels against the truth</h3><p class='muted'>Pool images whose true bracket is known "
-                         "(truth file): coverage = share the model's per-bracket threshold accepts "
-                         "(max probability ≥ threshold of its argmax; 0.95 where the model has none); "
-                         "accuracy = share of accepted pseudo-labels that are right.</p>"
-                         f"<div class='cols' {cols_style}>")
-            for n in names:
-                img = images.get(f"pseudo/{n}")
-                tfile = (runs[n].get("pool") or {}).get("truth")
-                parts.append(f"<figure><div class='runhead'>{e(n)}</div>"
-                             + (f"<img alt='pseudo-label quality {e(n)}' src='{_uri(img)}'><figcaption>truth: {e(str(tfile))}</figcaption>"
-                                if img else "<p class='muted'>no truth for this run's pool images</p>") + "</figure>")
-            parts.append("</div>")
-
-    # run details
-    parts.append("<h2 id='runs'>Run details</h2>" + f"<div class='cols' {cols_style}>")
+def _pseudo_figures(report: dict, images: dict[str, Png]) -> list[dict]:
+    """Pseudo-label quality per run ({'name', 'uri' or None, 'truth'}); [] when no run has one."""
+    names = report["run_names"]
+    if not report["pool"] or not any(f"pseudo/{n}" in images for n in names):
+        return []
+    out = []
     for n in names:
-        r = runs[n]
-        thr = r.get("model_thresholds") or []
-        if len(thr) != NUM_BRACKETS:
-            thr_text = f"none in the model ({DEFAULT_THRESHOLD} assumed)"
-        elif max(thr) - min(thr) < 1e-9:
-            thr_text = f"{thr[0]:.3f} (all brackets)"
-        else:
-            thr_text = ", ".join(f"{b}: {t:.2f}" for b, t in enumerate(thr))
-        items = [("input", r["source"]), ("model folder", r["model_dir"]), ("run folder", r["run_dir"] or "—"),
-                 ("architecture", r["architecture"]), ("image size", f"{r['image_size']} px"),
-                 ("algorithm", r.get("algorithm") or "—"), ("trained steps", r.get("trained_steps") or "—"),
-                 ("pseudo-label thresholds", thr_text)]
-        lt = r.get("last_training_eval")
-        if lt:
-            items.append(("last training eval", f"step {lt.get('step')}: MAE {_fmt(lt.get('mae'))}, QWK {_fmt(lt.get('qwk'))}, "
-                                                f"FPR {_fmt(lt.get('false_positive_rate'))}"))
-        parts.append(f"<div><div class='runhead'>{e(n)}</div><dl class='kv'>"
-                     + "".join(f"<dt>{e(a)}</dt><dd>{e(str(b))}</dd>" for a, b in items) + "</dl></div>")
-    parts.append("</div><p class='muted'>Files beside this page: metrics.json, predictions.parquet"
-                 + (", pool_predictions.parquet" if report["pool"] else "") + " and every plot as PNG.</p></body></html>")
-    return "\n".join(parts)
+        img = images.get(f"pseudo/{n}")
+        truth = (report["runs"][n].get("pool") or {}).get("truth")
+        out.append({"name": n, "uri": _uri(img) if img else None, "truth": str(truth)})
+    return out
+
+
+def _thresholds_text(thr: list) -> str:
+    if len(thr) != NUM_BRACKETS:
+        return f"none in the model ({DEFAULT_THRESHOLD} assumed)"
+    if max(thr) - min(thr) < 1e-9:
+        return f"{thr[0]:.3f} (all brackets)"
+    return ", ".join(f"{b}: {t:.2f}" for b, t in enumerate(thr))
+
+
+def _run_fields(r: dict) -> list[tuple[str, object]]:
+    """(label, value) pairs of one run's details."""
+    fields = [("input", r["source"]), ("model folder", r["model_dir"]), ("run folder", r["run_dir"] or "—"),
+              ("architecture", r["architecture"]), ("image size", f"{r['image_size']} px"),
+              ("algorithm", r.get("algorithm") or "—"), ("target", r.get("target") or "classification"),
+              ("trained steps", r.get("trained_steps") or "—"),
+              ("pseudo-label thresholds", _thresholds_text(r.get("model_thresholds") or []))]
+    lt = r.get("last_training_eval")
+    if lt:
+        fields.append(("last training eval", f"step {lt.get('step')}: MAE {_fmt(lt.get('mae'))}, QWK {_fmt(lt.get('qwk'))}, "
+                                             f"FPR {_fmt(lt.get('false_positive_rate'))}"))
+    return fields

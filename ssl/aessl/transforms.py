@@ -2,7 +2,8 @@
 
 Weak = timm's training crop + flip; strong = the same crop + flip followed by USB's
 RandAugment (the FixMatch reference, cutout included). USB's posterize clamps to >= 1 bit;
-timm 1.0.31's RandAugment can ask Pillow 13 for 0 bits and crash mid-training (DESIGN).
+timm 1.0.31's RandAugment can ask Pillow 13 for 0 bits and crash mid-training, which is
+why the strong view is USB's and not timm's.
 """
 
 from __future__ import annotations

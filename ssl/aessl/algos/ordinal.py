@@ -35,7 +35,7 @@ from semilearn.algorithms.utils import SSL_Argument, str2bool
 from semilearn.core.algorithmbase import AlgorithmBase
 from semilearn.core.utils import ALGORITHMS
 
-NUM = 11
+from ..metrics import NUM_BRACKETS
 
 
 def window_mass(probs: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ def window_mass(probs: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.T
 
 
 def ordinal_kernel(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    b = torch.arange(NUM, device=device, dtype=dtype)
+    b = torch.arange(NUM_BRACKETS, device=device, dtype=dtype)
     k = torch.exp(-((b[:, None] - b[None, :]) ** 2) / (2 * sigma**2))
     return k / k.sum(dim=1, keepdim=True)
 
@@ -64,7 +64,7 @@ def soft_targets(probs: torch.Tensor, T: float, sigma: float | None) -> torch.Te
 
 
 def expected(probs: torch.Tensor) -> torch.Tensor:
-    return probs @ torch.arange(NUM, device=probs.device, dtype=probs.dtype)
+    return probs @ torch.arange(NUM_BRACKETS, device=probs.device, dtype=probs.dtype)
 
 
 @ALGORITHMS.register("ordinal")
@@ -72,7 +72,7 @@ class OrdinalMatch(AlgorithmBase):
     def __init__(self, args, net_builder, tb_log=None, logger=None):
         super().__init__(args, net_builder, tb_log, logger)
         prior = getattr(args, "lb_prior", None)
-        prior = torch.full((NUM,), 1.0 / NUM) if prior is None else torch.as_tensor(prior, dtype=torch.float32)
+        prior = torch.full((NUM_BRACKETS,), 1.0 / NUM_BRACKETS) if prior is None else torch.as_tensor(prior, dtype=torch.float32)
         self.prior = prior / prior.sum()
         self.init(**{k: getattr(args, k) for k in (
             "T", "smooth_sigma", "ordinal_smoothing", "ordinal_conf", "conf_radius", "per_bracket_threshold",
@@ -91,9 +91,9 @@ class OrdinalMatch(AlgorithmBase):
         self.score_loss_weight = float(score_loss_weight)
         # running state (tensors: checkpointed by AlgorithmState)
         self.global_level = torch.tensor(-1.0)  # < 0: not seen a batch yet
-        self.offset = torch.zeros(NUM)
+        self.offset = torch.zeros(NUM_BRACKETS)
         self.accepted_share = self.prior.clone()
-        self.p_model = torch.full((NUM,), 1.0 / NUM)
+        self.p_model = torch.full((NUM_BRACKETS,), 1.0 / NUM_BRACKETS)
 
     # ------------------------------------------------------------------ pieces
     def global_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ class OrdinalMatch(AlgorithmBase):
             self.global_level = self.thresh_momentum * self.global_level + (1 - self.thresh_momentum) * mean_conf
         thr = self.current_thresholds().to(probs.device)
         mask = (conf >= thr[centre]).float()
-        counts = self.global_sum(torch.bincount(centre[mask.bool()], minlength=NUM).float()).cpu()
+        counts = self.global_sum(torch.bincount(centre[mask.bool()], minlength=NUM_BRACKETS).float()).cpu()
         if self.use_per_bracket and counts.sum() > 0:
             share = counts / counts.sum()
             self.accepted_share = self.thresh_momentum * self.accepted_share + (1 - self.thresh_momentum) * share
@@ -156,7 +156,7 @@ class OrdinalMatch(AlgorithmBase):
             score_loss = torch.zeros((), device=logits_lb.device)
             if self.score_loss_weight > 0:
                 target = (y_score if y_score is not None else y_lb).float()
-                score_loss = (expected(logits_lb.float().softmax(-1)) - target).abs().mean() / (NUM - 1)
+                score_loss = (expected(logits_lb.float().softmax(-1)) - target).abs().mean() / (NUM_BRACKETS - 1)
 
             probs_w = self.align(logits_w.detach().float().softmax(-1))
             mask, conf, centre = self.select(probs_w)
@@ -164,14 +164,14 @@ class OrdinalMatch(AlgorithmBase):
             log_s = logits_s.float().log_softmax(-1)
             unsup_loss = (-(targets * log_s).sum(-1) * mask).mean()
             if self.score_loss_weight > 0:
-                unsup_score = (expected(log_s.exp()) - expected(targets)).abs() / (NUM - 1)
+                unsup_score = (expected(log_s.exp()) - expected(targets)).abs() / (NUM_BRACKETS - 1)
                 unsup_loss = unsup_loss + self.score_loss_weight * (unsup_score * mask).mean()
 
             total = sup_loss + self.score_loss_weight * score_loss + self.lambda_u * unsup_loss
 
         out_dict = self.process_out_dict(loss=total)
         rates = {f"pseudo_rate_{b}": float((mask * (centre == b).float()).sum() / max(1, len(mask)))
-                 for b in range(NUM)}
+                 for b in range(NUM_BRACKETS)}
         log_dict = self.process_log_dict(sup_loss=sup_loss.item(), score_loss=score_loss.item(),
                                          unsup_loss=unsup_loss.item(), total_loss=total.item(),
                                          util_ratio=mask.mean().item(), mean_confidence=conf.mean().item(), **rates)
