@@ -144,7 +144,7 @@ FLOOR, ORACLE, X4, SOFT = "supervised", "oracle", "labels_x4", "softlabel"
 # (README's round): a supervised teacher has no thresholds of its own, and export's default 0.95
 # accepts few rows, and those mostly of one bracket.
 SOFT_ARGS = ["data.pseudo_accepted_only=false", "data.pseudo_weight=0.5"]
-ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "ordinal", SOFT]
+ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "ordinal", "rankmatch", SOFT]
 CEILINGS = (ORACLE, X4)
 ROW_TITLES = {FLOOR: "floor: supervised", ORACLE: "ceiling: pool oracle", X4: "ceiling: labels x4",
               SOFT: "softlabel (teacher: floor)"}
@@ -177,6 +177,7 @@ def algorithm_args(name: str, steps: int) -> dict:
                pool's predictions to the model's labeled predictions instead of to a uniform
                bracket histogram, which the model card's histogram is far from.
     ordinal    its own defaults (aessl/algos/ordinal.py).
+    rankmatch  its own defaults (aessl/algos/rankmatch.py: FixMatch's, rank_weight 0.3).
     budget_ema(steps) = clip(1 - 20/steps, 0.9, 0.999): a memory of 5% of the run.
     """
     ema = round(lib.budget_ema(steps), 4)

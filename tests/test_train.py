@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
@@ -100,6 +101,30 @@ def test_every_supported_usb_algorithm_trains(name, toy_data, tmp_path):
                             f"algorithm.name={name}", "algorithm.args={}", f"output_dir={run}") == 0
     m = read_metrics(run)[-1]
     assert REQUIRED_KEYS <= set(m) and m["step"] == 2 and np.isfinite(m["mae"])
+
+
+# Arguments that make each algorithm's unlabeled loss non-zero from the first steps of a
+# random-init model: no confidence cut-off, no ramp-up (2 steps of 2).
+ACCEPT_ALL = {"fixmatch": ["p_cutoff=0.0"], "flexmatch": ["p_cutoff=0.0"], "uda": ["p_cutoff=0.0", "tsa_schedule=none"],
+              "pseudolabel": ["p_cutoff=0.0", "unsup_warm_up=0.01"], "adamatch": ["p_cutoff=0.0"],
+              "mixmatch": ["unsup_warm_up=0.01"], "pimodel": ["unsup_warm_up=0.01"], "meanteacher": ["unsup_warm_up=0.01"],
+              "freematch": [], "softmatch": [], "ordinal": ["thresh_min=0.0", "thresh_max=0.0"], "rankmatch": ["p_cutoff=0.0"]}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPT_ALL))
+def test_every_algorithms_unlabeled_loss_changes_the_model(name, toy_data, tmp_path):
+    """lambda_u=0 against lambda_u=1, same seed and batches: the weights must differ, or the
+    pool is drawn but never taught anything."""
+    from safetensors.torch import load_file
+
+    args = [f"algorithm.args.{a}" for a in ACCEPT_ALL[name]]
+    weights = {}
+    for lam in (0, 1):
+        run = tmp_path / f"lambda{lam}"
+        assert train_in_process(*data_args(toy_data), "train.steps=2", "train.eval_every=2", "train.save_every=2",
+                                f"algorithm.name={name}", f"algorithm.lambda_u={lam}", *args, f"output_dir={run}") == 0
+        weights[lam] = load_file(str(run / "model" / "model.safetensors"))
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
 
 
 def test_two_cpu_processes_really_are_two(toy_data, tmp_path):

@@ -68,8 +68,8 @@ DEFAULTS = {
         # image: train the whole network on images. embedding: freeze the backbone, cache its
         # features once (embed.*) and train only a head on them (fast iteration).
         "mode": "image",
-        # what the last layer's outputs mean (aessl/targets.py): classification = 11 bracket
-        # logits (every algorithm); regression = one score 0-10 (algorithm.name=supervised)
+        # what the last layer's outputs mean (aessl/targets.py, TARGETS): classification = 11
+        # bracket logits (every algorithm); regression = one score 0-10 (algorithm.name=supervised)
         "target": "classification",
         "head": "residual_mlp",  # embedding mode: linear | mlp | residual_mlp (the model card's)
         "head_hidden": 1024,
@@ -173,7 +173,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 CHOICES = {
     "model.mode": ("image", "embedding"),
-    "model.target": ("classification", "regression"),
     "model.head": ("linear", "mlp", "residual_mlp"),
     "embed.dtype": ("float16", "float32"),
     "embed.strong_view": ("strong", "weak"),
@@ -243,7 +242,11 @@ def check_choices(cfg) -> None:
 def check_target(cfg) -> None:
     """A target other than classification trains its own supervised loss (aessl/targets.py):
     the SSL algorithms and soft labels are written for 11 class probabilities."""
+    from .targets import TARGETS  # (torch: imported only here, once a config is read)
+
     target = OmegaConf.select(cfg, "model.target")
+    if target not in TARGETS:
+        raise ConfigError(f"model.target={target!r} is not one of {', '.join(TARGETS)}")
     if target == "classification":
         return
     if OmegaConf.select(cfg, "algorithm.name") != "supervised":

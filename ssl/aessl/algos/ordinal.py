@@ -36,6 +36,7 @@ from semilearn.core.algorithmbase import AlgorithmBase
 from semilearn.core.utils import ALGORITHMS
 
 from ..metrics import NUM_BRACKETS
+from ._shared import expected, three_views
 
 
 def window_mass(probs: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +62,6 @@ def soft_targets(probs: torch.Tensor, T: float, sigma: float | None) -> torch.Te
     if sigma:
         sharp = sharp @ ordinal_kernel(sigma, sharp.device, sharp.dtype)
     return sharp
-
-
-def expected(probs: torch.Tensor) -> torch.Tensor:
-    return probs @ torch.arange(NUM_BRACKETS, device=probs.device, dtype=probs.dtype)
 
 
 @ALGORITHMS.register("ordinal")
@@ -146,12 +143,8 @@ class OrdinalMatch(AlgorithmBase):
 
     # ------------------------------------------------------------------ the step
     def train_step(self, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score=None):
-        num_lb = y_lb.shape[0]
         with self.amp_cm():
-            outputs = self.model(torch.cat((x_lb, x_ulb_w, x_ulb_s)))
-            logits_lb = outputs["logits"][:num_lb]
-            logits_w, logits_s = outputs["logits"][num_lb:].chunk(2)
-
+            logits_lb, logits_w, logits_s = three_views(self.model, x_lb, x_ulb_w, x_ulb_s)
             sup_loss = F.cross_entropy(logits_lb, y_lb)
             score_loss = torch.zeros((), device=logits_lb.device)
             if self.score_loss_weight > 0:

@@ -1,0 +1,50 @@
+"""RankMatch (aessl/algos/rankmatch.py): the pairwise ranking term, and the algorithm in the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import data_args, read_metrics, train_in_process
+
+from aessl.algos.rankmatch import pairwise_rank_loss
+
+
+def test_rank_loss_uses_only_pairs_ordered_by_more_than_the_margin():
+    t = torch.tensor([0.0, 1.5, 3.0, 3.2])
+    s = torch.zeros(4, requires_grad=True)
+    loss, n = pairwise_rank_loss(s, t, margin=1.0, tau=1.0)
+    # ordered pairs with t_i - t_j > 1: (1,0), (2,0), (3,0), (2,1), (3,1); not (3,2) (0.2 apart)
+    assert n == 5
+    assert loss.item() == pytest.approx(math.log(2))  # every score equal: softplus(0)
+    loss.backward()
+    # each score is pushed toward the order of t: the highest target up, the lowest down
+    assert s.grad[0] > 0 and s.grad[2] < 0 and s.grad[3] < 0
+    ordered = torch.tensor([0.0, 3.0, 6.0, 9.0])
+    assert pairwise_rank_loss(ordered, t, 1.0, 1.0)[0] < pairwise_rank_loss(ordered.flip(0), t, 1.0, 1.0)[0]
+
+
+def test_rank_loss_without_pairs_is_zero_and_keeps_the_graph():
+    s = torch.ones(3, requires_grad=True)
+    loss, n = pairwise_rank_loss(s, torch.tensor([2.0, 2.1, 2.2]), margin=1.0, tau=1.0)
+    assert n == 0 and loss.item() == 0.0
+    loss.backward()  # no error: the loss is part of the graph
+    assert torch.equal(s.grad, torch.zeros(3))
+
+
+def test_rankmatch_trains_and_its_ranking_term_changes_the_model(toy_data, tmp_path):
+    common = [*data_args(toy_data), "algorithm.name=rankmatch", "train.steps=4", "train.eval_every=4",
+              "train.save_every=4", "algorithm.args.p_cutoff=0.0"]
+    runs = {w: tmp_path / f"w{w}" for w in (0, 1)}
+    for w, run in runs.items():
+        assert train_in_process(*common, f"algorithm.args.rank_weight={w}", f"output_dir={run}") == 0
+    m = read_metrics(runs[1])[-1]
+    assert m["step"] == 4 and math.isfinite(m["mae"]) and m["rank_loss"] > 0 and 0 < m["rank_pair_rate"] <= 1
+    info = json.loads((runs[1] / "model" / "config.json").read_text())
+    assert info["algorithm"] == "rankmatch" and info["thresholds"] == [0.0] * 11  # FixMatch's p_cutoff, exported
+    a, b = (load_file(str(runs[w] / "model" / "model.safetensors")) for w in (0, 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed and batches: only the ranking term differs
