@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny generated data sets that train in seconds on a CPU."""
+"""Shared fixtures and helpers: tiny generated data sets that train in seconds on a CPU,
+and the ways the tests run the scripts (in this process, as a subprocess, on two processes,
+killed and resumed)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +73,18 @@ TINY = [
     "eval.batch_size=64",
 ]
 
+EMB = ["model.mode=embedding", "model.head=mlp", "model.head_hidden=32", "embed.shard_size=16", "embed.batch_size=32"]
+
+
+def data_args(toy) -> list[str]:
+    """The data.labeled / data.test / data.unlabeled overrides for a toy_data-like dict."""
+    return [f"data.labeled={toy['labeled']}", f"data.test={toy['test']}", f"data.unlabeled={toy['unlabeled']}"]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run folder's metrics.jsonl, one dict per evaluation."""
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
 
 def run_script(script: str, *args, env=None, check=True, timeout=600, launcher=None) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + [str(ROOT / "ssl" / script), *map(str, args)]
@@ -76,3 +93,61 @@ def run_script(script: str, *args, env=None, check=True, timeout=600, launcher=N
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _load_script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_in_process(*overrides) -> int:
+    """ssl/train.py's main() on configs/demo.yaml + TINY + overrides, in this process; its exit code."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return _load_script("aessl_train_script", ROOT / "ssl" / "train.py").main(
+            ["--config", str(ROOT / "configs" / "demo.yaml"), *TINY, *overrides])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def report_main():
+    """ssl/report.py's main(), called in this process (saves a Python start per test)."""
+    return _load_script("report_script", ROOT / "ssl" / "report.py").main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launcher(port: bool = True) -> list[str]:
+    """`accelerate launch` of two processes on one machine (run them on the CPU with
+    ACCELERATE_USE_CPU=1); with port, on a free --main_process_port, else on accelerate's default."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return launcher + ["--main_process_port", str(free_port())] if port else launcher
+
+
+def train_until_killed(script_args, output_dir, kill_at, env=None, launcher=None) -> subprocess.CompletedProcess:
+    """train.py with script_args into output_dir, killed by AESSL_KILL_AT_STEP at step kill_at
+    (not checked: the caller asserts the return code)."""
+    return run_script("train.py", *script_args, f"output_dir={output_dir}",
+                      env={**(env or {}), "AESSL_KILL_AT_STEP": str(kill_at)}, check=False, launcher=launcher)
+
+
+KILLED = 137  # the exit code of the AESSL_KILL_AT_STEP hook (os._exit(137), as SIGKILL)
+
+
+def kill_then_resume(script_args, output_dir, kill_at, env=None, launcher=None) -> subprocess.CompletedProcess:
+    """train_until_killed, then the same arguments with resume=true (which must succeed).
+    Returns the killed run's process for the caller to assert on; where it did not exit
+    KILLED, it returns without resuming, so that assertion reports the kill, not the resume."""
+    killed = train_until_killed(script_args, output_dir, kill_at, env=env, launcher=launcher)
+    if killed.returncode == KILLED:
+        run_script("train.py", *script_args, f"output_dir={output_dir}", "resume=true", env=env, launcher=launcher)
+    return killed

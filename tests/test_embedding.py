@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -23,9 +21,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
-from test_report import report_main
-from test_train import read_metrics, train_in_process
+from conftest import (EMB, ROOT, TINY, data_args, kill_then_resume, make_pool, make_scored_set, read_metrics,
+                      report_main, run_script, train_in_process, two_process_launcher)
 
 from aessl import data as data_module
 from aessl import embedding as emb
@@ -33,9 +30,6 @@ from aessl import heads
 from aessl.config import load_config
 from aessl.data import load_pool, load_scored_set
 from aessl.locks import FolderLock
-
-EMB = ["model.mode=embedding", "model.head=mlp", "model.head_hidden=32", "embed.shard_size=16", "embed.batch_size=32"]
-
 
 @pytest.fixture(scope="module")
 def data(toy_data, tmp_path_factory):
@@ -45,10 +39,6 @@ def data(toy_data, tmp_path_factory):
     (pool / "zero.png").write_bytes(b"")
     (pool / "text.jpg").write_text("not an image")
     return {**toy_data, "unlabeled": pool, "root": root}
-
-
-def data_args(d):
-    return [f"data.labeled={d['labeled']}", f"data.test={d['test']}", f"data.unlabeled={d['unlabeled']}"]
 
 
 def config(d, cache: Path, *more):
@@ -87,12 +77,6 @@ def pool_config(cache: Path, *more):
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 N_READABLE = 11 * 8 + 11 * 3 + 30  # scored + test + readable pool images
@@ -291,9 +275,7 @@ def test_a_held_cache_lock_stops_every_process_of_a_job(small_pool, tmp_path):
     root = fill_tables(pool_config(cache), {"pool": load_pool(str(small_pool))})["root"]
     labeled = make_scored_set(tmp_path / "lab", per_bracket=2)
     test = make_scored_set(tmp_path / "tst", per_bracket=1, seed=5)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port())]
+    launcher = two_process_launcher()
     args = ["--config", ROOT / "configs" / "demo.yaml", *TINY, *EMB, f"data.labeled={labeled}", f"data.test={test}",
             f"data.unlabeled={small_pool}", f"embed.cache_dir={cache}"]
     env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -375,9 +357,7 @@ def test_killed_embedding_run_resumes_like_an_uninterrupted_one(data, tmp_path):
               "algorithm.name=freematch"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_script("train.py", *common, f"output_dir={whole}")
-    assert run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "6"},
-                      check=False).returncode == 137
-    run_script("train.py", *common, f"output_dir={broken}", "resume=true")
+    assert kill_then_resume(common, broken, kill_at=6).returncode == 137
     assert read_metrics(whole) == read_metrics(broken)
 
 

@@ -9,8 +9,6 @@ import csv
 import json
 import os
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_pool, run_script, toy_image
+from conftest import make_pool, run_script, toy_image, two_process_launcher
 
 from aessl import export as ex
 from aessl import faults
@@ -400,20 +398,11 @@ def test_saved_dataset_exports(setup, tmp_path):
     assert manifest(out)["source"]["kind"] == "dataset"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_processes_no_duplicates_no_gaps(setup, tmp_path):
     out = tmp_path / "out"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(_free_port())]
     proc = run_script("export.py", "--model", setup["run"], "--images", setup["pool"], "--out", out,
                       "--shard-size", "3", "--workers", "0", "--batch-size", "4", "--top", "4",
-                      env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=launcher)
+                      env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=two_process_launcher())
     assert "2 process(es)" in proc.stdout
     same_rows(rows_of(out), rows_of(setup["ref"]))  # rows_of fails on a duplicate; same_rows on a gap
     m = manifest(out)

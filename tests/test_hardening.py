@@ -4,17 +4,15 @@ leakage, the split's own seed, guarded resume, locks, typed config and bad input
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
-from test_train import data_args, read_metrics, train_in_process
+from conftest import (ROOT, TINY, data_args, kill_then_resume, make_pool, make_scored_set, read_metrics, run_script,
+                      train_in_process)
 
 
 # --------------------------------------------------------------------------- streamed pools
@@ -92,10 +90,7 @@ def test_streamed_run_with_flexmatch_resumes_exactly(toy_data, tmp_path):
               "data.num_workers=2", "data.stream_index_size=4096", "algorithm.name=flexmatch", "train.steps=6",
               "train.eval_every=3", "train.save_every=3"]
     run_script("train.py", *common, f"output_dir={tmp_path / 'whole'}")
-    killed = run_script("train.py", *common, f"output_dir={tmp_path / 'broken'}", env={"AESSL_KILL_AT_STEP": "4"},
-                        check=False)
-    assert killed.returncode == 137
-    run_script("train.py", *common, f"output_dir={tmp_path / 'broken'}", "resume=true")
+    assert kill_then_resume(common, tmp_path / "broken", kill_at=4).returncode == 137
     assert read_metrics(tmp_path / "whole") == read_metrics(tmp_path / "broken")
 
 

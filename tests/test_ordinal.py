@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from aessl import algorithms as algos
 from aessl.metrics import accepted_by_threshold
 from aessl.models import build_model
 from aessl.algos.ordinal import soft_targets, window_mass
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, data_args, kill_then_resume, read_metrics, run_script
 
 PRIOR = np.array([31, 162, 533, 675, 690, 576, 228, 95, 54, 29, 7], dtype=float)
 PRIOR = PRIOR / PRIOR.sum()
@@ -108,18 +107,13 @@ def test_state_survives_state_dict_round_trip():
 
 
 def test_ordinal_run_resumes_to_the_same_metrics(toy_data, tmp_path):
-    common = ["--config", ROOT / "configs/demo.yaml", *TINY, f"data.labeled={toy_data['labeled']}",
-              f"data.test={toy_data['test']}", f"data.unlabeled={toy_data['unlabeled']}", "train.steps=4",
-              "train.eval_every=2", "train.save_every=2", "algorithm.name=ordinal",
-              "algorithm.args.thresh_min=0.2"]
+    common = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=4",
+              "train.eval_every=2", "train.save_every=2", "algorithm.name=ordinal", "algorithm.args.thresh_min=0.2"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_script("train.py", *common, f"output_dir={whole}")
-    assert run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "3"},
-                      check=False).returncode == 137
-    run_script("train.py", *common, f"output_dir={broken}", "resume=true")
-    read = lambda r: [json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines()]
-    assert read(whole) == read(broken)
-    m = read(whole)[-1]
+    assert kill_then_resume(common, broken, kill_at=3).returncode == 137
+    assert read_metrics(whole) == read_metrics(broken)
+    m = read_metrics(whole)[-1]
     assert "threshold_9" in m and "pseudo_rate_9" in m and m["pseudo_label_rate"] > 0
     cfg = json.loads((whole / "model" / "config.json").read_text())
     assert cfg["confidence_radius"] == 1 and len(cfg["thresholds"]) == 11

@@ -15,15 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY, make_pool, make_scored_set, run_script, toy_image
-from test_train import read_metrics, train_in_process
+from conftest import (EMB, ROOT, TINY, make_pool, make_scored_set, read_metrics, toy_image, train_in_process,
+                      train_until_killed)
 
 from aessl import export as ex
 from aessl import pseudo
 from aessl.data import DrawDataset, load_scored_set
 from aessl.metrics import NUM_BRACKETS, bracket_of
 
-EMB = ["model.mode=embedding", "model.head=mlp", "model.head_hidden=32", "embed.shard_size=16", "embed.batch_size=32"]
 STUDENT = ["algorithm.name=supervised", "train.steps=4", "train.eval_every=4", "train.save_every=4"]
 
 
@@ -256,7 +255,7 @@ def test_killed_student_resumes_like_an_uninterrupted_one(world, tmp_path, capsy
               "data.pseudo_weight=0.5", "model.drop_rate=0.2"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert train_in_process(*common[2:], f"output_dir={whole}") == 0
-    killed = run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "4"}, check=False)
+    killed = train_until_killed(common, broken, kill_at=4)
     assert killed.returncode == 137
     assert train_in_process(*common[2:], f"output_dir={broken}", "resume=true", "data.pseudo_weight=1") == 2
     assert "data.pseudo_weight: 0.5 -> 1" in capsys.readouterr().err  # a changed setting is refused, as any other

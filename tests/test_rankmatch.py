@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import data_args, read_metrics, train_in_process
+from conftest import data_args, read_metrics, train_in_process
 
 from aessl.algos.rankmatch import pairwise_rank_loss
 

@@ -8,7 +8,6 @@ predictions, and the HTML opens with nothing fetched from anywhere.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -22,7 +21,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import accuracy_score, cohen_kappa_score, mean_absolute_error
 
-from conftest import ROOT, TINY, run_script, toy_image
+from conftest import TINY, data_args, report_main, run_script, toy_image
 
 PLOTS_PER_RUN = ("confusion", "score_hist", "reliability", "recall", "grid_top", "grid_false_positives", "grid_misses")
 
@@ -30,8 +29,7 @@ PLOTS_PER_RUN = ("confusion", "score_hist", "reliability", "recall", "grid_top",
 @pytest.fixture(scope="module")
 def runs(toy_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("report_runs")
-    common = [*TINY, "train.steps=4", "train.eval_every=2", "train.save_every=4",
-              f"data.labeled={toy_data['labeled']}", f"data.test={toy_data['test']}", f"data.unlabeled={toy_data['unlabeled']}"]
+    common = [*TINY, "train.steps=4", "train.eval_every=2", "train.save_every=4", *data_args(toy_data)]
     spec = {"sup": ["algorithm.name=supervised", "seed=0"], "fix": ["algorithm.name=fixmatch", "seed=1"]}
     with ThreadPoolExecutor(2) as pool:  # two processes: the machine has two cores
         jobs = [pool.submit(run_script, "train.py", *common, *extra, f"output_dir={root / name}") for name, extra in spec.items()]
@@ -55,14 +53,6 @@ def pool_with_truth(tmp_path_factory) -> dict:
     (root / "pool" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     pd.DataFrame(rows).to_parquet(root / "truth.parquet")
     return {"pool": root / "pool", "truth": root / "truth.parquet"}
-
-
-def report_main():
-    """ssl/report.py's main(), called in this process (saves a Python start per test)."""
-    spec = importlib.util.spec_from_file_location("report_script", ROOT / "ssl" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def external_references(text: str) -> list[str]:

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
-from test_report import report_main
-from test_train import data_args, read_metrics, train_in_process
+from conftest import data_args, read_metrics, report_main, run_script, train_in_process
 
 from aessl import export as ex
 from aessl.config import ConfigError, load_config

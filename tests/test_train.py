@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,32 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, make_pool, make_scored_set, run_script
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("aessl_train_script", ROOT / "ssl" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def train_in_process(*overrides) -> int:
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return _load_train_module().main(["--config", str(ROOT / "configs" / "demo.yaml"), *TINY, *overrides])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
-
-def data_args(toy):
-    return [f"data.labeled={toy['labeled']}", f"data.test={toy['test']}", f"data.unlabeled={toy['unlabeled']}"]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+from conftest import (ROOT, TINY, data_args, make_pool, make_scored_set, read_metrics, run_script, train_in_process,
+                      train_until_killed, two_process_launcher)
 
 
 REQUIRED_KEYS = {"step", "mae", "qwk", "spearman", "accuracy", "accuracy_within_1", "false_positive_rate",
@@ -52,7 +26,7 @@ def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
               "model.drop_rate=0.3"]  # dropout: the random generators must resume too
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_script("train.py", *common, f"output_dir={whole}")
-    killed = run_script("train.py", *common, f"output_dir={broken}", env={"AESSL_KILL_AT_STEP": "5"}, check=False)
+    killed = train_until_killed(common, broken, kill_at=5)
     assert killed.returncode == 137
     assert not (broken / "model").exists()
     # a checkpoint write interrupted half-way leaves a temp folder: it must be ignored
@@ -129,8 +103,7 @@ def test_every_algorithms_unlabeled_loss_changes_the_model(name, toy_data, tmp_p
 
 def test_two_cpu_processes_really_are_two(toy_data, tmp_path):
     run = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = two_process_launcher(port=False)  # accelerate's default port
     args = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6", "train.eval_every=2",
             "train.save_every=2", f"output_dir={run}", "algorithm.name=flexmatch"]
     killed = run_script("train.py", *args, launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "AESSL_KILL_AT_STEP": "4"},

@@ -1,10 +1,12 @@
-"""Image mode and embedding mode: the two ways a run trains, behind the same four methods.
+"""Image mode and embedding mode: the two ways a run trains, behind the same methods.
 
     mode = training_mode(cfg)          chosen once, from model.mode
     mode.prepare(run, data)            embedding: every image's frozen-backbone features, cached
     mode.build_module(data)            the module the optimiser trains, and model/ config's info
     mode.loaders(run, data, ...)       labeled and unlabeled batch iterators, the test loader
     mode.final_model(ema_module)       what model/ holds at the end
+    mode.skipped_pool_images()         pool images already found unreadable (embedding: by the cache)
+    mode.cache_stats()                 what run.json records of the feature cache (image: None)
 
 Image mode trains a whole timm network on decoded, augmented images. Embedding mode trains
 a small head on a frozen backbone's cached features (aessl/embedding.py), and model/ gets
