@@ -107,9 +107,9 @@ SCALES = {
         modes=("image", "embedding"),
         defaults=dict(seeds=[0], algorithms=["supervised", "flexmatch"]),
     ),
-    # Issue 12's measured image-mode scale (one seed): at 10% labels the oracle is 0.12 QWK
-    # above supervised (0.539 -> 0.658); at 100% it is not (0.657 vs 0.658) and labels x4
-    # gained nothing at 500 steps (docs/results.md).
+    # Issue 12's measured image-mode scale: at 10% labels labels x4 is +0.10 QWK above
+    # supervised over data seeds 2-4 (docs/results.md); at 100% the oracle was not above it
+    # (0.657 vs 0.658, one seed, the issue's measurement).
     "cpu-small": dict(
         data=dict(labeled=3080, unlabeled=20000, test=1000, size=32),
         image=dict(model="test_convnext3", steps=1000, batch=32, uratio=2, workers=2),
