@@ -95,10 +95,11 @@ def main(argv=None):
     from aessl.data import worker_init  # noqa: F401  (same import path as the export)
     from aessl.images import load_image
     from aessl.models import build_model, load_model_folder, save_model_folder
+    from aessl.scoring import resolve_precision
     from aessl.transforms import eval_transform
 
     device = torch.device(args.device)
-    dtype = ex.resolve_precision(args.precision, device)
+    dtype = resolve_precision(args.precision, device)
     with tempfile.TemporaryDirectory(prefix="export_bench_") as tmp:
         tmp = Path(tmp)
         paths = generate_images(tmp / "pool", args.images, args.size)
