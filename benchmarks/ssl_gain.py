@@ -21,7 +21,8 @@ with at least one image per bracket, a fixed subset of the labeled folder chosen
   algorithms   supervised (= the floor), fixmatch, flexmatch, freematch, softmatch, ordinal
                (--algorithms), each with the arguments algorithm_args() gives it (printed
                with the results: USB's adaptive thresholds need budget-sized EMAs and
-               warm-ups); --ablation adds ordinal with each of its parts switched off.
+               warm-ups); --ablation adds ordinal and RankMatch with each of their parts
+               switched off (RankMatch on the labels alone: does the pool pay?).
 
 Data. The synthetic set (ssl/synth.py) for data seed D: labeled (model-card histogram),
 test (same histogram), pool (crawl-like: more low brackets). Its images are drawn from
@@ -148,12 +149,16 @@ ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "
 CEILINGS = (ORACLE, X4)
 ROW_TITLES = {FLOOR: "floor: supervised", ORACLE: "ceiling: pool oracle", X4: "ceiling: labels x4",
               SOFT: "softlabel (teacher: floor)"}
-ABLATIONS = {  # ordinal with one part switched off (--ablation)
-    "ordinal-no_confidence": {"ordinal_conf": False},
-    "ordinal-no_smoothing": {"ordinal_smoothing": False},
-    "ordinal-no_per_bracket": {"per_bracket_threshold": False},
-    "ordinal-no_dist_align": {"dist_align": False},
-    "ordinal-no_score_loss": {"score_loss_weight": 0},
+ABLATIONS = {  # an algorithm with one part switched off (--ablation [ordinal rankmatch]): row -> (algorithm, args, overrides)
+    "ordinal-no_confidence": ("ordinal", {"ordinal_conf": False}, []),
+    "ordinal-no_smoothing": ("ordinal", {"ordinal_smoothing": False}, []),
+    "ordinal-no_per_bracket": ("ordinal", {"per_bracket_threshold": False}, []),
+    "ordinal-no_dist_align": ("ordinal", {"dist_align": False}, []),
+    "ordinal-no_score_loss": ("ordinal", {"score_loss_weight": 0}, []),
+    # no unlabeled pair is ever 1,000 brackets apart: FixMatch + ranking on the labels only
+    "rankmatch-no_pool_ranking": ("rankmatch", {"rank_margin": 1000}, []),
+    # and without FixMatch's term either: the labels alone with a ranking term (does the pool pay?)
+    "rankmatch-labels_only": ("rankmatch", {"rank_margin": 1000}, ["algorithm.lambda_u=0"]),
 }
 METRICS = ["qwk", "mae", "spearman", "false_positive_rate", "top_k_precision"] + [f"recall_{b}" for b in range(11)]
 
@@ -182,14 +187,14 @@ def algorithm_args(name: str, steps: int) -> dict:
     """
     ema = round(lib.budget_ema(steps), 4)
     if name in ABLATIONS:
-        return dict(ABLATIONS[name])
+        return dict(ABLATIONS[name][1])
     return {"flexmatch": {"thresh_warmup": False},
             "freematch": {"ema_p": ema},
             "softmatch": {"ema_p": ema, "dist_uniform": False}}.get(name, {})
 
 
 def algorithm_of(row: str) -> str:
-    return "ordinal" if row in ABLATIONS else (FLOOR if row in (*CEILINGS, SOFT) else row)
+    return ABLATIONS[row][0] if row in ABLATIONS else (FLOOR if row in (*CEILINGS, SOFT) else row)
 
 
 # --------------------------------------------------------------------------- data
@@ -297,7 +302,7 @@ def run_overrides(row: str, manifests: dict, data: dict, seed: int, steps: int) 
         out.append(f"data.unlabeled={data['main'] / 'unlabeled'}")
     out += [f"algorithm.args.{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in algorithm_args(row, steps).items()]
-    return out
+    return out + (ABLATIONS[row][2] if row in ABLATIONS else [])
 
 
 def train(run: Path, config: str, overrides: list[str], dry_run: bool = False,
@@ -399,6 +404,8 @@ def pool_probabilities(run: Path, paths: list[str], workers: int, features: dict
     from aessl.data import EvalDataset
     from aessl.embedding import weights_digest
     from aessl.models import load_model_folder
+    from aessl.scoring import bracket_probs
+    from aessl.targets import target_of
     from aessl.transforms import eval_transform
 
     cache, key_file = run / "pool_probs.npy", run / "pool_probs.json"
@@ -410,20 +417,19 @@ def pool_probabilities(run: Path, paths: list[str], workers: int, features: dict
     table = datasets.Dataset.from_dict({"path": paths})
     loader = DataLoader(EvalDataset(table, eval_transform(info), info["image_size"]), batch_size=256,
                         num_workers=workers)
-
-    def forward(fn) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([fn(b["x"].to(device)).float().cpu() for b in loader])
+    target = target_of(info)  # classification's softmax, regression's two-hot, ... (aessl/targets.py)
 
     if info.get("mode") == "embedding":  # one pass of the backbone per (backbone, size, pool)
         fkey = (weights_digest(model.backbone), info["image_size"], key)
         if fkey not in features:
-            features[fkey] = forward(model.backbone)
-        with torch.no_grad():
-            logits = model.head(features[fkey].to(device))["logits"].float().cpu()
+            model.backbone.eval()
+            with torch.inference_mode():
+                features[fkey] = torch.cat([model.backbone(b["x"].to(device)).float().cpu() for b in loader])
+        batches = ({"x": f} for f in features[fkey].split(256))
+        model = model.head
     else:
-        logits = forward(lambda x: model(x)["logits"])
-    probs = logits.softmax(-1).numpy()
+        batches = loader
+    probs = torch.cat([p for p, _ in bracket_probs(model, batches, device, target=target)]).numpy()
     np.save(cache, probs)
     key_file.write_text(json.dumps({"paths": key}))
     return probs
@@ -593,7 +599,8 @@ def parse_args(argv=None):
     p.add_argument("--subset-seed", type=int, default=0, help="chooses the 10%% label subset")
     p.add_argument("--algorithms", nargs="+", default=None,
                    help=f"default: {' '.join(ALGORITHMS)} (smoke: supervised flexmatch)")
-    p.add_argument("--ablation", action="store_true", help="add ordinal with each part switched off")
+    p.add_argument("--ablation", nargs="*", choices=("ordinal", "rankmatch"), default=None,
+                   help="add these algorithms (none named: both) with each part switched off")
     p.add_argument("--out", default=None, help="work folder (default benchmarks/work/ssl_gain-<scale>)")
     p.add_argument("--md", default=None, help="Markdown (default benchmarks/work/ssl_gain-<scale>.md)")
     p.add_argument("--json", default=None, help="JSON (default benchmarks/work/ssl_gain-<scale>.json)")
@@ -606,7 +613,9 @@ def parse_args(argv=None):
     args.algorithms = args.algorithms or defaults.get("algorithms", ALGORITHMS)
     if args.pretrain_seed in args.data_seeds:
         p.error("--pretrain-seed must differ from every --data-seeds value")
-    args.rows = [FLOOR, *CEILINGS] + [a for a in args.algorithms if a != FLOOR] + (list(ABLATIONS) if args.ablation else [])
+    ablated = [] if args.ablation is None else (args.ablation or ["ordinal", "rankmatch"])
+    args.rows = ([FLOOR, *CEILINGS] + [a for a in args.algorithms if a != FLOOR]
+                 + [row for row, (algo, _, _) in ABLATIONS.items() if algo in ablated])
     return args
 
 
