@@ -341,8 +341,11 @@ def train(run: Path, config: str, overrides: list[str], dry_run: bool = False,
 
 
 def labeled_digest(overrides: list[str]) -> str | None:
-    """sha256 of the labeled manifest a run trains on (None for a folder)."""
-    path = Path(next(o for o in overrides if o.startswith("data.labeled=")).split("=", 1)[1])
+    """sha256 of the labeled manifest a run trains on (None for a folder or the demo set)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("data.labeled=")]
+    if not given:
+        return None
+    path = Path(given[-1])
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
