@@ -48,3 +48,28 @@ def test_rankmatch_trains_and_its_ranking_term_changes_the_model(toy_data, tmp_p
     assert info["algorithm"] == "rankmatch" and info["thresholds"] == [0.0] * 11  # FixMatch's p_cutoff, exported
     a, b = (load_file(str(runs[w] / "model" / "model.safetensors")) for w in (0, 1))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed and batches: only the ranking term differs
+
+
+def test_labels_only_ablation_never_reads_the_pool(toy_data, tmp_path):
+    """benchmarks/ssl_gain.py's rankmatch-labels_only row (lambda_u=0, no unlabeled pair can
+    be 1,000 brackets apart) is the labels with a ranking term: with a LayerNorm model (the
+    benchmark's test_convnext3) the pool it is given changes nothing, while RankMatch's
+    pool ranking does change the model when the pool changes."""
+    from conftest import make_pool
+
+    other_pool = make_pool(tmp_path / "other_pool", n=48, seed=7)
+    common = [*data_args(toy_data), "model.name=test_convnext3", "algorithm.name=rankmatch", "train.steps=3",
+              "train.eval_every=3", "train.save_every=3", "algorithm.args.p_cutoff=0.0"]
+
+    def weights(pool, *extra):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        assert train_in_process(*common, f"data.unlabeled={pool}", *extra, f"output_dir={run}") == 0
+        return load_file(str(run / "model" / "model.safetensors"))
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    labels_only = ["algorithm.lambda_u=0", "algorithm.args.rank_margin=1000"]
+    assert same(weights(toy_data["unlabeled"], *labels_only), weights(other_pool, *labels_only))
+    ranked = ["algorithm.lambda_u=0", "algorithm.args.rank_margin=0.1"]
+    assert not same(weights(toy_data["unlabeled"], *ranked), weights(other_pool, *ranked))
