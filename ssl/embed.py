@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         if src["test"]:
             tables["test"] = load_scored_set(src["test"])
         if src["unlabeled"]:
-            tables["pool"] = load_pool(src["unlabeled"], streaming=bool(dcfg.streaming), limit=dcfg.max_unlabeled)
-        feats = prepare_features(cfg, accelerator, tables, int(dcfg.num_workers))
+            tables["pool"] = load_pool(src["unlabeled"], streaming=dcfg.streaming, limit=dcfg.max_unlabeled)
+        feats = prepare_features(cfg, accelerator, tables, dcfg.num_workers)
     except (LabeledSetError, DataSourceError, EmbeddingError, WeightsUnavailable) as exc:
         if accelerator.is_main_process:
             print(f"error: {exc}", file=sys.stderr)
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         counts = {name: {"images": len(t), "skipped": len(feats["skipped"][name])} for name, t in feats["tables"].items()}
         print(json.dumps({"cache": str(feats["root"]), "backbone": cfg.model.name, "dim": feats["stats"]["dim"],
-                          "views": 1 + 2 * int(cfg.embed.views), "computed": feats["stats"]["computed"],
+                          "views": 1 + 2 * cfg.embed.views, "computed": feats["stats"]["computed"],
                           "already_cached": feats["stats"]["cached_before"],
                           "retry_next_pass": feats["stats"]["read_errors"], "seconds": feats["stats"]["seconds"],
                           "sets": counts}, indent=1))

@@ -25,6 +25,26 @@ def test_overrides_types_and_unknown_keys(tmp_path):
         load_config(None, ["train.steps"])
 
 
+def test_schema_types_need_no_casts_and_yaml_quirks_are_read_as_meant(tmp_path):
+    cfg = load_config(None, ["train.steps=1e3", "train.lr=2e-3", "train.mixed_precision=no", "data.max_unlabeled=5"])
+    assert type(cfg.train.steps) is int and cfg.train.steps == 1000
+    assert type(cfg.train.lr) is float and cfg.train.lr == 0.002
+    assert cfg.train.mixed_precision == "no" and cfg.data.max_unlabeled == 5  # YAML 1.1 reads `no` as false
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "c.yaml").train.mixed_precision == "no"
+    for bad, key in (("train.steps=2.5", "train.steps"), ("resume=1", "resume"), ("train.lr=nan", "train.lr"),
+                     ("model.name=[1]", "model.name"), ("train.mixed_precision=true", "train.mixed_precision")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [bad])
+
+
+def test_defaults_are_the_demo_config():
+    """configs/demo.yaml states the demo explicitly; with no config file the defaults are the same run."""
+    from aessl.config import to_dict
+
+    assert to_dict(load_config(None)) == to_dict(load_config(ROOT / "configs" / "demo.yaml"))
+
+
 def test_stratified_split_is_fixed_and_stratified():
     brackets = np.repeat(np.arange(11), [31, 162, 533, 675, 690, 576, 228, 95, 54, 29, 7])
     a = stratified_split(brackets, 0.1, seed=0)

@@ -1,136 +1,193 @@
 """YAML configs with dotted `key=value` overrides (OmegaConf), strict about unknown keys.
 
-`DEFAULTS` is the schema: every key a config may set, with its default. A YAML file and the
-command line may only set keys that exist here (an unknown key is an error naming it),
-except under `algorithm.args`, which holds the chosen algorithm's own arguments and is
-checked against that algorithm's argument list when the algorithm is built.
+The dataclasses below are the schema: every key a config may set, its type, its default, and
+(in field metadata) the choices or range it must keep to. A YAML file and the command line
+may only set keys that exist there (an unknown key is an error naming it), except under
+`algorithm.args`, which holds the chosen algorithm's own arguments and is checked against
+that algorithm's argument list when the algorithm is built, and `model.kwargs`.
+
+`load_config` merges defaults <- YAML file <- overrides in OmegaConf's struct mode, checks
+the values (choices, types, ranges, the target), and returns `OmegaConf.structured(Config)`
+holding them, so code reading a config gets the schema's types without casting.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Dict, Optional, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-DEFAULTS = {
-    "seed": 0,
-    "output_dir": "runs/demo",
-    "resume": False,  # true: continue from the newest whole checkpoint in output_dir
-    "data": {
-        "labeled": None,  # folder of <score>/ subfolders or a manifest; null = synthetic demo set
-        "unlabeled": None,  # folder, manifest, saved dataset, or hub:<name>; null = none / demo pool
-        "test": None,  # scored test set; null = carve `test_fraction` out of the labeled set
-        "test_fraction": 0.1,
-        # Seeds the held-out split alone: the split is a property of the data, so runs with
-        # different `seed` are scored on the same test images.
-        "split_seed": 0,
-        # Overlap between the test set and the training data or the pool is detected at start
-        # (by path and content) and recorded in run.json; a test set inside the training set
-        # is refused unless this is true.
-        "allow_test_overlap": False,
-        "streaming": False,  # stream the unlabeled pool (huge pools, Hub datasets)
-        "image_size": 64,
-        "crop_pct": 1.0,  # eval view keeps the whole image: composition is part of aesthetics
-        "num_workers": 2,
-        "max_unlabeled": None,  # use at most this many pool images (quick experiments)
-        # Slots for per-image algorithm state (FlexMatch) when a streamed pool has no known
-        # length: images are placed by a hash of their name.
-        "stream_index_size": 1048576,
-        # Soft labelling from an export (ssl/aessl/pseudo.py): the labeled stream draws from the
-        # labels plus the rows of an export folder written by ssl/export.py (or a list of them),
-        # each with the export's bracket probabilities as its soft target. null = labels only.
-        "pseudo_labels": None,
-        "pseudo_weight": 1.0,  # loss weight of a pseudo row relative to a labeled one (0: labels only)
-        "pseudo_band": None,  # [low, high] in score percent (the export's score_percent); null = all
-        "pseudo_accepted_only": True,  # only rows the export's per-bracket thresholds accepted
-        "synthetic": {  # the built-in demo data, generated once into cache_dir
-            "labeled": 3080,
-            "unlabeled": 20000,
-            "test": 1000,
-            "size": 64,
-            "seed": 0,
-            "cache_dir": ".cache/synth",
-        },
-    },
-    "augment": {
-        "weak_scale_min": 0.8,  # random-resized-crop lower bound for the weak view
-        "strong_n": 3,  # USB RandAugment: number of ops
-        "strong_m": 5,  # USB RandAugment: magnitude (cutout included, as in FixMatch)
-        "strong_exclude_color": False,
-    },
-    "model": {
-        "name": "test_convnext3",  # any timm name or hf-hub:<id>
-        "pretrained": False,  # false, true (timm/Hub weights), or a path to a local .safetensors/.pth
-        "drop_rate": 0.0,
-        "kwargs": {},  # extra timm.create_model keyword arguments
-        # image: train the whole network on images. embedding: freeze the backbone, cache its
-        # features once (embed.*) and train only a head on them (fast iteration).
-        "mode": "image",
-        # what the last layer's outputs mean (aessl/targets.py, TARGETS): classification = 11
-        # bracket logits (every algorithm); regression = one score 0-10 (algorithm.name=supervised)
-        "target": "classification",
-        "head": "residual_mlp",  # embedding mode: linear | mlp | residual_mlp (the model card's)
-        "head_hidden": 1024,
-        "head_dropout": 0.1,
-    },
-    "embed": {  # embedding mode's feature cache (ssl/embed.py fills it; train.py fills what is missing)
-        "views": 2,  # K weak and K strong augmented views cached per image, besides the eval view
-        # the strong side of each unlabeled pair: strong = a cached RandAugment view; weak =
-        # another cached weak view (a frozen backbone's features of RandAugment views lose the
-        # bracket: docs/embedding_ssl_diagnosis.md); strong_noise adds Gaussian noise of that
-        # many feature stds to it
-        "strong_view": "weak",
-        "strong_noise": 0.0,
-        "seed": 0,  # seeds the views and a random-init backbone; not the run's seed, so runs share a cache
-        "batch_size": 64,  # images per forward pass (each brings 1 + 2K views)
-        "shard_size": 2048,  # images per cache shard: the unit a killed pass loses
-        "dtype": "float16",  # float16 | float32: how features are stored
-        "cache_dir": ".cache/embed",
-    },
-    "algorithm": {
-        "name": "fixmatch",  # supervised | fixmatch | flexmatch | freematch | softmatch | ... | ordinal
-        "lambda_u": 1.0,  # weight of the unlabeled loss
-        "args": {},  # algorithm-specific arguments (T, p_cutoff, ...), USB names
-    },
-    "train": {
-        "steps": 300,
-        "batch_size": 32,  # labeled images per step per process
-        "uratio": 2,  # unlabeled images per labeled image
-        "optimizer": "adamw",  # adamw | sgd
-        "lr": 2e-3,
-        "weight_decay": 5e-4,
-        "momentum": 0.9,
-        "warmup_steps": 20,
-        "grad_accum": 1,
-        "clip_grad": 0.0,
-        "mixed_precision": "no",  # no | fp16 | bf16
-        "ema_decay": 0.99,
-        "eval_every": 100,
-        "save_every": 100,
-        "keep_checkpoints": 2,
-        "log_every": 10,
-        "tracker": "tensorboard",  # tensorboard | none | any Accelerate tracker name
-    },
-    "eval": {
-        "batch_size": 128,
-        "top_k_fraction": 0.1,
-    },
-}
+
+def _one_of(*allowed: str, default: str):
+    """A string key that must be one of `allowed` (OmegaConf has no Literal types)."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def _num(default, *, ge=None, gt=None, le=None, lt=None):
+    """A number key with bounds; a bound left out is open."""
+    low, high = (ge if gt is None else gt), (le if lt is None else lt)
+    return field(default=default, metadata={"range": (low, high, gt is None, lt is None)})
+
+
+@dataclass
+class SyntheticConfig:  # the built-in demo data, generated once into cache_dir
+    labeled: int = 3080
+    unlabeled: int = 20000
+    test: int = 1000
+    size: int = 64
+    seed: int = 0
+    cache_dir: str = ".cache/synth"
+
+
+@dataclass
+class DataConfig:
+    labeled: Optional[str] = None  # folder of <score>/ subfolders or a manifest; null = synthetic demo set
+    unlabeled: Optional[str] = None  # folder, manifest, saved dataset, or hub:<name>; null = none / demo pool
+    test: Optional[str] = None  # scored test set; null = carve `test_fraction` out of the labeled set
+    test_fraction: float = _num(0.1, gt=0.0, lt=1.0)
+    # Seeds the held-out split alone: the split is a property of the data, so runs with
+    # different `seed` are scored on the same test images.
+    split_seed: int = 0
+    # Overlap between the test set and the training data or the pool is detected at start
+    # (by path and content) and recorded in run.json; a test set inside the training set
+    # is refused unless this is true.
+    allow_test_overlap: bool = False
+    streaming: bool = False  # stream the unlabeled pool (huge pools, Hub datasets)
+    image_size: int = _num(64, ge=8)
+    crop_pct: float = _num(1.0, gt=0.0, le=1.0)  # eval view keeps the whole image: composition is part of aesthetics
+    num_workers: int = _num(2, ge=0)
+    max_unlabeled: Optional[int] = _num(None, ge=1)  # use at most this many pool images (quick experiments)
+    # Slots for per-image algorithm state (FlexMatch) when a streamed pool has no known
+    # length: images are placed by a hash of their name.
+    stream_index_size: int = _num(1048576, ge=1)
+    # Soft labelling from an export (ssl/aessl/pseudo.py): the labeled stream draws from the
+    # labels plus the rows of an export folder written by ssl/export.py (or a list of them),
+    # each with the export's bracket probabilities as its soft target. null = labels only.
+    # (null, a folder or a list of folders: checked in _check_pseudo_keys)
+    pseudo_labels: Any = None
+    pseudo_weight: float = _num(1.0, ge=0.0)  # loss weight of a pseudo row relative to a labeled one (0: labels only)
+    # [low, high] in score percent (the export's score_percent); null = all (checked in _check_pseudo_keys)
+    pseudo_band: Any = None
+    pseudo_accepted_only: bool = True  # only rows the export's per-bracket thresholds accepted
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class AugmentConfig:
+    weak_scale_min: float = _num(0.8, gt=0.0, le=1.0)  # random-resized-crop lower bound for the weak view
+    strong_n: int = _num(3, ge=0)  # USB RandAugment: number of ops
+    strong_m: int = _num(5, ge=0, le=10)  # USB RandAugment: magnitude (cutout included, as in FixMatch)
+    strong_exclude_color: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "test_convnext3"  # any timm name or hf-hub:<id>
+    pretrained: Any = False  # false, true (timm/Hub weights), or a path to a local .safetensors/.pth
+    drop_rate: float = _num(0.0, ge=0.0, lt=1.0)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
+    # image: train the whole network on images. embedding: freeze the backbone, cache its
+    # features once (embed.*) and train only a head on them (fast iteration).
+    mode: str = _one_of("image", "embedding", default="image")
+    # what the last layer's outputs mean (aessl/targets.py, TARGETS): classification = 11
+    # bracket logits (every algorithm); regression = one score 0-10 (algorithm.name=supervised)
+    target: str = "classification"
+    head: str = _one_of("linear", "mlp", "residual_mlp", default="residual_mlp")  # embedding mode (the model card's)
+    head_hidden: int = _num(1024, ge=1)
+    head_dropout: float = _num(0.1, ge=0.0, lt=1.0)
+
+
+@dataclass
+class EmbedConfig:  # embedding mode's feature cache (ssl/embed.py fills it; train.py fills what is missing)
+    views: int = _num(2, ge=1)  # K weak and K strong augmented views cached per image, besides the eval view
+    # the strong side of each unlabeled pair: strong = a cached RandAugment view; weak =
+    # another cached weak view (a frozen backbone's features of RandAugment views lose the
+    # bracket: docs/embedding_ssl_diagnosis.md); strong_noise adds Gaussian noise of that
+    # many feature stds to it
+    strong_view: str = _one_of("strong", "weak", default="weak")
+    strong_noise: float = _num(0.0, ge=0.0)
+    seed: int = 0  # seeds the views and a random-init backbone; not the run's seed, so runs share a cache
+    batch_size: int = _num(64, ge=1)  # images per forward pass (each brings 1 + 2K views)
+    shard_size: int = _num(2048, ge=1)  # images per cache shard: the unit a killed pass loses
+    dtype: str = _one_of("float16", "float32", default="float16")  # how features are stored
+    cache_dir: str = ".cache/embed"
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fixmatch"  # supervised | fixmatch | flexmatch | freematch | softmatch | ... | ordinal
+    lambda_u: float = _num(1.0, ge=0.0)  # weight of the unlabeled loss
+    args: Dict[str, Any] = field(default_factory=dict)  # algorithm-specific arguments (T, p_cutoff, ...), USB names
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _num(1200, ge=1)
+    batch_size: int = _num(32, ge=1)  # labeled images per step per process
+    uratio: int = _num(2, ge=1)  # unlabeled images per labeled image
+    optimizer: str = _one_of("adamw", "sgd", default="adamw")
+    lr: float = _num(2e-3, gt=0.0)
+    weight_decay: float = _num(5e-4, ge=0.0)
+    momentum: float = _num(0.9, ge=0.0, lt=1.0)
+    warmup_steps: int = _num(20, ge=0)
+    grad_accum: int = _num(1, ge=1)
+    clip_grad: float = _num(0.0, ge=0.0)
+    mixed_precision: str = _one_of("no", "fp16", "bf16", default="no")
+    ema_decay: float = _num(0.99, ge=0.0, lt=1.0)
+    eval_every: int = _num(400, ge=1)
+    save_every: int = _num(400, ge=1)
+    keep_checkpoints: int = _num(2, ge=1)
+    log_every: int = _num(10, ge=1)
+    tracker: Optional[str] = "tensorboard"  # tensorboard | none | any Accelerate tracker name
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _num(128, ge=1)
+    top_k_fraction: float = _num(0.1, gt=0.0, le=1.0)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: Optional[str] = None  # null: runs/<date-time>
+    resume: bool = False  # true: continue from the newest whole checkpoint in output_dir
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+OPEN_SECTIONS = ("algorithm.args", "model.kwargs")  # free-form: any key
+
+
+def _schema(cls: type = Config, prefix: str = ""):
+    """(dotted key, type, field metadata) of every leaf of the schema, in order."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            yield from _schema(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", kind, f.metadata
+
+
+DEFAULTS = OmegaConf.to_container(OmegaConf.structured(Config))  # the schema's defaults as a plain dict
+TYPES = {key: kind for key, kind, _ in _schema()}
+CHOICES = {key: meta["choices"] for key, _, meta in _schema() if "choices" in meta}
+# Allowed ranges of numeric keys: (low, high, low inclusive, high inclusive); None = open.
+RANGES = {key: meta["range"] for key, _, meta in _schema() if "range" in meta}
 
 
 class ConfigError(ValueError):
     pass
-
-
-def _open_keys(cfg) -> None:
-    """Mark the free-form sections as open so they accept any key."""
-    OmegaConf.set_struct(cfg, True)
-    for path in ("algorithm.args", "model.kwargs"):
-        node = OmegaConf.select(cfg, path)
-        if node is not None:
-            OmegaConf.set_struct(node, False)
 
 
 def _parse_override(text: str):
@@ -143,10 +200,21 @@ def _parse_override(text: str):
     return key, yaml.safe_load(value) if value.strip() else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> "OmegaConf":
-    """DEFAULTS <- YAML file <- overrides. Unknown keys raise ConfigError naming them."""
+def _defaults():
+    """The defaults as an untyped config in struct mode (unknown keys fail), its free-form
+    sections open. Values are merged into it as given and checked afterwards (check_values),
+    so a later layer may still correct an earlier one, before they go into the typed schema."""
     cfg = OmegaConf.create(DEFAULTS)
-    _open_keys(cfg)
+    OmegaConf.set_struct(cfg, True)
+    for path in OPEN_SECTIONS:
+        OmegaConf.set_struct(OmegaConf.select(cfg, path), False)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> "OmegaConf":
+    """Defaults <- YAML file <- overrides, as `OmegaConf.structured(Config)`. Unknown keys and
+    bad values raise ConfigError naming them."""
+    cfg = _defaults()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -155,74 +223,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
-        _merge(cfg, data, str(path))
+        try:
+            cfg.merge_with(data)
+        except (ConfigAttributeError, ConfigKeyError) as exc:
+            raise ConfigError(f"{path}: unknown config key {exc.full_key!r}") from exc
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{path}: bad value for {exc.full_key!r}: {exc}") from exc
     for text in overrides:
         key, value = _parse_override(text)
         try:
-            node_parent, _, leaf = key.rpartition(".")
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not _is_open(cfg, node_parent):
-                raise ConfigError(f"unknown config key {key!r} (from override {text!r})")
             OmegaConf.update(cfg, key, value, merge=True)
-        except (ConfigAttributeError, ConfigKeyError) as exc:
+        except (ConfigAttributeError, ConfigKeyError, IndexError, ValueError) as exc:
+            # (IndexError, ValueError: a list indexed past its end or by a name)
             raise ConfigError(f"unknown config key {key!r} (from override {text!r})") from exc
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad value for {key!r}: {exc}") from exc
-    check_choices(cfg)
-    return cfg
+    check_values(cfg)
+    return _typed(cfg)
 
 
-CHOICES = {
-    "model.mode": ("image", "embedding"),
-    "model.head": ("linear", "mlp", "residual_mlp"),
-    "embed.dtype": ("float16", "float32"),
-    "embed.strong_view": ("strong", "weak"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-}
+def _typed(cfg):
+    """The checked values in the schema's typed nodes, in struct mode. OmegaConf's own
+    validation catches what check_values leaves to it (a string key given a list or null, an
+    open section given something other than a mapping)."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException as exc:
+        where = f"for {exc.full_key!r}" if exc.full_key else "in the config"
+        raise ConfigError(f"bad value {where}: {str(exc).splitlines()[0]}") from exc
+    OmegaConf.set_struct(typed, True)
+    for path in OPEN_SECTIONS:
+        OmegaConf.set_struct(OmegaConf.select(typed, path), False)
+    return typed
 
 
-# Allowed ranges of numeric keys: (low, high, low inclusive, high inclusive); None = open.
-RANGES = {
-    "data.test_fraction": (0.0, 1.0, False, False),
-    "data.image_size": (8, None, True, True),
-    "data.crop_pct": (0.0, 1.0, False, True),
-    "data.num_workers": (0, None, True, True),
-    "data.max_unlabeled": (1, None, True, True),
-    "data.stream_index_size": (1, None, True, True),
-    "data.pseudo_weight": (0.0, None, True, True),
-    "augment.weak_scale_min": (0.0, 1.0, False, True),
-    "augment.strong_n": (0, None, True, True),
-    "augment.strong_m": (0, 10, True, True),
-    "model.drop_rate": (0.0, 1.0, True, False),
-    "model.head_dropout": (0.0, 1.0, True, False),
-    "model.head_hidden": (1, None, True, True),
-    "embed.views": (1, None, True, True),
-    "embed.batch_size": (1, None, True, True),
-    "embed.shard_size": (1, None, True, True),
-    "embed.strong_noise": (0.0, None, True, True),
-    "algorithm.lambda_u": (0.0, None, True, True),
-    "train.steps": (1, None, True, True),
-    "train.batch_size": (1, None, True, True),
-    "train.uratio": (1, None, True, True),
-    "train.lr": (0.0, None, False, True),
-    "train.weight_decay": (0.0, None, True, True),
-    "train.momentum": (0.0, 1.0, True, False),
-    "train.warmup_steps": (0, None, True, True),
-    "train.grad_accum": (1, None, True, True),
-    "train.clip_grad": (0.0, None, True, True),
-    "train.ema_decay": (0.0, 1.0, True, False),
-    "train.eval_every": (1, None, True, True),
-    "train.save_every": (1, None, True, True),
-    "train.keep_checkpoints": (1, None, True, True),
-    "train.log_every": (1, None, True, True),
-    "eval.batch_size": (1, None, True, True),
-    "eval.top_k_fraction": (0.0, 1.0, False, True),
-}
-
-
-def check_choices(cfg) -> None:
+def check_values(cfg) -> None:
+    """Choices, types (numbers coerced where unambiguous), ranges and the target, in that
+    order, each error naming its key."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if value is False and "no" in allowed:  # YAML 1.1 reads `no` as false: train.mixed_precision=no
+            value = "no"
+            OmegaConf.update(cfg, key, value)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     check_types(cfg)
@@ -258,15 +300,6 @@ def check_target(cfg) -> None:
                           "probabilities); leave data.pseudo_labels=null")
 
 
-def _leaves(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            if f"{prefix}{k}" not in ("algorithm.args", "model.kwargs"):
-                yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
 def _as_number(key: str, value, kind: type):
     """`value` as `kind` (int or float), or ConfigError. YAML reads `1e3` and `2e-3` as
     strings (YAML 1.1 wants a dot), so numeric strings are accepted; an int key takes a
@@ -289,21 +322,19 @@ def _as_number(key: str, value, kind: type):
 
 
 def check_types(cfg) -> None:
-    """Every key whose default is a number or a bool holds one of that type (coerced where
-    that is unambiguous), so `int(...)`/`float(...)` later can neither fail nor mislead."""
-    for key, default in _leaves(DEFAULTS):
+    """Every bool key holds a bool (OmegaConf would take 1 or "yes"), every number key a finite
+    number of its type, coerced where that is unambiguous (OmegaConf's int nodes refuse "1e3"
+    and 2.0, its float nodes take nan). Strings, `Any` and the open sections are left to
+    OmegaConf's typed nodes and the explicit checks."""
+    for key, kind in TYPES.items():
         value = OmegaConf.select(cfg, key)
-        if key == "model.pretrained":  # false, true or a weights file
-            continue
-        if isinstance(default, bool):
+        if kind is bool:
             if not isinstance(value, bool):
                 raise ConfigError(f"{key}={value!r} must be true or false")
-        elif isinstance(default, (int, float)):
-            coerced = _as_number(key, value, type(default))
+        elif kind in (int, float) or (kind == Optional[int] and value is not None):
+            coerced = _as_number(key, value, float if kind is float else int)
             if coerced != value or type(coerced) is not type(value):
                 OmegaConf.update(cfg, key, coerced)
-        elif key == "data.max_unlabeled" and value is not None:
-            OmegaConf.update(cfg, key, _as_number(key, value, int))
     _check_pseudo_keys(cfg)
 
 
@@ -329,29 +360,6 @@ def _check_pseudo_keys(cfg) -> None:
 
 def _plain(value):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
-def _is_open(cfg, parent: str) -> bool:
-    return parent in ("algorithm.args", "model.kwargs") or parent.startswith(("algorithm.args.", "model.kwargs."))
-
-
-def _merge(cfg, data: dict, origin: str, prefix: str = "") -> None:
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if _is_open(cfg, prefix.rstrip(".")):
-            OmegaConf.update(cfg, dotted, value, merge=True)
-            continue
-        current = OmegaConf.select(cfg, dotted, default="__missing__")
-        if current == "__missing__":
-            raise ConfigError(f"{origin}: unknown config key {dotted!r}")
-        if isinstance(value, dict) and (OmegaConf.is_dict(current) or current is None):
-            if OmegaConf.is_dict(current):
-                _merge(cfg, value, origin, dotted + ".")
-                continue
-        try:
-            OmegaConf.update(cfg, dotted, value, merge=True)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"{origin}: bad value for {dotted!r}: {exc}") from exc
 
 
 def to_dict(cfg) -> dict:

@@ -89,9 +89,9 @@ def view_spec(info: dict, augment_cfg, embed_cfg) -> dict:
     return {
         "image_size": int(info["image_size"]), "mean": info["mean"], "std": info["std"],
         "interpolation": info["interpolation"], "crop_pct": float(info["crop_pct"]),
-        "weak_scale_min": float(augment_cfg["weak_scale_min"]), "strong_n": int(augment_cfg["strong_n"]),
-        "strong_m": int(augment_cfg["strong_m"]), "strong_exclude_color": bool(augment_cfg["strong_exclude_color"]),
-        "views": int(embed_cfg["views"]), "seed": int(embed_cfg["seed"]),
+        "weak_scale_min": augment_cfg["weak_scale_min"], "strong_n": augment_cfg["strong_n"],
+        "strong_m": augment_cfg["strong_m"], "strong_exclude_color": augment_cfg["strong_exclude_color"],
+        "views": embed_cfg["views"], "seed": embed_cfg["seed"],
     }
 
 
@@ -102,7 +102,7 @@ def feature_spec(info: dict, backbone_digest: str, augment_cfg, embed_cfg) -> di
     model.kwargs such as global_pool, compute other features from the same weights."""
     return {"format": CACHE_FORMAT_VERSION, "architecture": info["architecture"],
             "model_kwargs": info["model_kwargs"], "backbone_sha256": backbone_digest,
-            "dtype": str(embed_cfg["dtype"]), "views": view_spec(info, augment_cfg, embed_cfg)}
+            "dtype": embed_cfg["dtype"], "views": view_spec(info, augment_cfg, embed_cfg)}
 
 
 def cache_key(spec: dict) -> str:
@@ -441,7 +441,7 @@ def fill_cache(root: Path, todo: list[tuple[str, str, int]], sources: dict, back
     Returns (stats, {hash: reason} of the images whose read failed this pass: not in any shard)."""
 
     eval_tf, weak, strong, size = transforms
-    S = int(embed_cfg["shard_size"])
+    S = embed_cfg["shard_size"]
     rank, world = accelerator.process_index, accelerator.num_processes
     chunk_ids = list(range(rank, -(-len(todo) // S), world))
     mine = [todo[k * S:(k + 1) * S] for k in chunk_ids]
@@ -453,12 +453,12 @@ def fill_cache(root: Path, todo: list[tuple[str, str, int]], sources: dict, back
     stats, retry = {"computed": 0, "unreadable": 0, "read_errors": 0, "shards": 0}, {}
     if not items:
         return stats, retry
-    ds = ViewsDataset(items, sources, eval_tf, weak, strong, int(embed_cfg["views"]), int(embed_cfg["seed"]), size)
+    ds = ViewsDataset(items, sources, eval_tf, weak, strong, embed_cfg["views"], embed_cfg["seed"], size)
     on_cuda = accelerator.device.type == "cuda"
     kw = dict(num_workers=workers, worker_init_fn=worker_init, pin_memory=on_cuda)
     if workers > 0:
         kw["prefetch_factor"] = 4
-    loader = DataLoader(ds, batch_sampler=RangeBatches(bounds, int(embed_cfg["batch_size"])), **kw)
+    loader = DataLoader(ds, batch_sampler=RangeBatches(bounds, embed_cfg["batch_size"]), **kw)
     dtype = np.float16 if embed_cfg["dtype"] == "float16" else np.float32
     backbone = backbone.to(accelerator.device).eval()
     bar = tqdm(total=len(items) * world, desc="embed", disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -526,7 +526,7 @@ def build_frozen_backbone(model_cfg, embed_cfg, image_size: int, crop_pct: float
     # A random-init backbone is drawn from embed.seed, not the run's seed: changing the
     # training seed must not change the features (nor invalidate the cache).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(embed_cfg["seed"]))
+        torch.manual_seed(embed_cfg["seed"])
         backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), num_classes=0, **kwargs)
     backbone.eval().requires_grad_(False)
     info = {"architecture": model_cfg["name"], "model_kwargs": kwargs, **data_config(backbone, image_size, crop_pct)}
@@ -590,7 +590,7 @@ def prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
 
 def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
     t0 = time.time()
-    backbone, info = build_frozen_backbone(cfg.model, cfg.embed, int(cfg.data.image_size), float(cfg.data.crop_pct))
+    backbone, info = build_frozen_backbone(cfg.model, cfg.embed, cfg.data.image_size, cfg.data.crop_pct)
     root, spec = cache_root_for(cfg, backbone, info)
     hasher = ContentHasher(root.parent)
     hashed, sources = {}, {}
@@ -614,7 +614,7 @@ def _prepare_features(cfg, accelerator, tables: dict, workers: int) -> dict:
                 clean_stale_temps(root)
                 if todo:
                     log.info("embedding %d new images with frozen %s (%d views each) into %s; %d already cached",
-                             len(todo), info["architecture"], 1 + 2 * int(cfg.embed.views), root, n_cached)
+                             len(todo), info["architecture"], 1 + 2 * cfg.embed.views, root, n_cached)
             accelerator.wait_for_everyone()
             if todo:
                 weak, strong = train_transforms(info, cfg.augment)

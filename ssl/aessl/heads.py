@@ -102,5 +102,5 @@ class EmbeddingScoreModel(nn.Module):
 
 
 def head_spec(model_cfg, in_features: int) -> dict:
-    return {"name": str(model_cfg["head"]), "in_features": int(in_features), "hidden": int(model_cfg["head_hidden"]),
-            "dropout": float(model_cfg["head_dropout"]), "outputs": get_target(model_cfg.get("target")).outputs}
+    return {"name": model_cfg["head"], "in_features": int(in_features), "hidden": model_cfg["head_hidden"],
+            "dropout": model_cfg["head_dropout"], "outputs": get_target(model_cfg.get("target")).outputs}

@@ -118,13 +118,13 @@ def start_run(cfg) -> Run:
     run_dir = Path(out[0])
     accelerator = Accelerator(
         mixed_precision=tcfg.mixed_precision,
-        gradient_accumulation_steps=int(tcfg.grad_accum),
+        gradient_accumulation_steps=tcfg.grad_accum,
         log_with=None if tcfg.tracker in (None, "none") else tcfg.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
     setup_logging(accelerator.is_main_process)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
-    set_seed(int(cfg.seed))
+    set_seed(cfg.seed)
     existed = run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir())
     return Run(cfg, accelerator, run_dir, existed)
 
@@ -160,7 +160,7 @@ def resume_refusal(run_dir: Path, checkpoint: Path, cfg, world: int) -> str | No
             return (f"{run_dir} was trained with other settings; a resumed run must keep them (or start a new "
                     "output_dir=). Changed: " + "; ".join(changed))
         stored_workers = stored.get("data", {}).get("num_workers")
-        if cfg.data.streaming and stored_workers is not None and int(stored_workers) != int(cfg.data.num_workers):
+        if cfg.data.streaming and stored_workers is not None and int(stored_workers) != cfg.data.num_workers:
             return (f"{run_dir} streams its pool with data.num_workers={stored_workers}; each worker reads its own "
                     "part of the stream, so resume with the same number")
     saved_world = json.loads((checkpoint / "progress.json").read_text()).get("num_processes", world)
@@ -201,14 +201,14 @@ def load_data(run: Run, resume_from: Path | None) -> Data:
         train_set, test_set = scored.select(np.flatnonzero(~is_test)), scored.select(np.flatnonzero(is_test))
     pool = None
     if src["unlabeled"] and cfg.algorithm.name != "supervised":
-        pool = load_pool(src["unlabeled"], streaming=bool(dcfg.streaming), limit=dcfg.max_unlabeled)
+        pool = load_pool(src["unlabeled"], streaming=dcfg.streaming, limit=dcfg.max_unlabeled)
         if hasattr(pool, "__len__"):
             probe_pool(pool)
     if len(test_set) == 0:
         raise RunRefused("the test split is empty; give data.test= or a larger labeled set")
     data = Data(src, scored, is_test, train_set, test_set, pool, None if pool is None else pool_length(pool))
     data.leakage = run.broadcast(check_leakage(test_set["path"], train_set["path"], pool) if run.is_main else None)
-    refusal = report_leakage(data.leakage, allow=bool(dcfg.allow_test_overlap))
+    refusal = report_leakage(data.leakage, allow=dcfg.allow_test_overlap)
     if refusal:
         raise RunRefused(refusal)
     if dcfg.pseudo_labels:  # an export's rows join the labels with soft targets (aessl/pseudo.py)
@@ -226,8 +226,7 @@ def carve_test_split(run: Run, scored, resume_from: Path | None) -> np.ndarray:
     if split is not None:
         test_paths = set(runfolder.split_paths(split, "test"))
         return np.array([p in test_paths for p in scored["path"]])
-    return split_by_image(scored["path"], scored["score"], float(run.cfg.data.test_fraction),
-                          int(run.cfg.data.split_seed))
+    return split_by_image(scored["path"], scored["score"], run.cfg.data.test_fraction, run.cfg.data.split_seed)
 
 
 def probe_pool(pool, tries: int = 32) -> None:
@@ -280,18 +279,18 @@ class Training:
 def build_training(run: Run, data: Data, model: torch.nn.Module) -> Training:
     cfg, tcfg = run.cfg, run.cfg.train
     if tcfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=float(tcfg.lr), momentum=float(tcfg.momentum),
-                                    nesterov=True, weight_decay=float(tcfg.weight_decay))
+        optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, nesterov=True,
+                                    weight_decay=tcfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), weight_decay=float(tcfg.weight_decay))
-    steps = int(tcfg.steps)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    steps = tcfg.steps
     # Not prepared by Accelerate (it would step once per process); stepped once per update.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tcfg.warmup_steps), steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, tcfg.warmup_steps, steps)
     lb_hist = np.asarray(bracket_histogram(data.train_set["bracket"]), dtype=np.float64)
     # The model is on its device (and wrapped for DDP) before anything copies it: the EMA
     # teacher, USB's EMA (meanteacher) and the algorithm's hooks must live where it lives.
     model, optimizer = run.accelerator.prepare(model, optimizer)
-    ema = timm.utils.ModelEmaV3(run.accelerator.unwrap_model(model), decay=float(tcfg.ema_decay), use_warmup=True)
+    ema = timm.utils.ModelEmaV3(run.accelerator.unwrap_model(model), decay=tcfg.ema_decay, use_warmup=True)
     index_size = int(data.pool_size or cfg.data.stream_index_size)
     target = get_target(cfg.model.target)
     if target.name != "classification":  # the target's own supervised loss (aessl/targets.py)
@@ -299,7 +298,7 @@ def build_training(run: Run, data: Data, model: torch.nn.Module) -> Training:
     else:
         algo = algos.build_algorithm(
             cfg.algorithm.name, model, user_args=dict(cfg.algorithm.args), num_train_iter=steps,
-            lambda_u=float(cfg.algorithm.lambda_u), ulb_dest_len=index_size, lb_dest_len=len(data.train_set),
+            lambda_u=cfg.algorithm.lambda_u, ulb_dest_len=index_size, lb_dest_len=len(data.train_set),
             lb_prior=(lb_hist + 1) / (lb_hist + 1).sum(), rank=run.rank, world_size=run.world,
         )
     uses_pool = bool({"x_ulb_w", "x_ulb_s"} & set(algos.step_inputs(algo, {"x_ulb_w": 0, "x_ulb_s": 0})))
@@ -336,7 +335,7 @@ def resume(run: Run, training: Training, resume_from: Path | None, skipped: dict
     elif run.cfg.resume:
         log.info("resume=true but %s has no checkpoint yet: starting from step 0", run.run_dir)
     if progress.stream_batches is None:
-        progress.stream_batches = progress.start_step * int(run.cfg.train.grad_accum)
+        progress.stream_batches = progress.start_step * run.cfg.train.grad_accum
     return progress
 
 
@@ -354,7 +353,7 @@ def write_run_files(run: Run, data: Data, training: Training, embedding_stats: d
             "test_images": len(data.test_set), "pool_images": data.pool_size,
             "train_histogram": training.train_histogram.astype(int).tolist(), "algorithm": cfg.algorithm.name,
             "resumed_from": str(resume_from) if resume_from else None, "embedding": embedding_stats,
-            "leakage": data.leakage, "split_seed": None if data.src["test"] else int(cfg.data.split_seed),
+            "leakage": data.leakage, "split_seed": None if data.src["test"] else cfg.data.split_seed,
             "pseudo_labels": data.pseudo_info,
         })
         runfolder.keep_metrics_up_to(run_dir, start_step)  # later evaluations will be redone
@@ -385,7 +384,7 @@ class Trainer:
     def __init__(self, run: Run, training: Training, batches, progress: Progress, data: Data, rows: np.ndarray):
         self.run, self.t, self.batches, self.progress = run, training, batches, progress
         self.test_rows, self.test_scores = rows, np.asarray(data.test_set["score"], dtype=np.float64)
-        self.steps = int(run.cfg.train.steps)
+        self.steps = run.cfg.train.steps
         self.window: dict[str, list] = {}
         self.last_metrics = None
         self.eval_seconds = self.save_seconds = self.loop_seconds = 0.0  # the loop's own time apart (timing.json)
@@ -410,11 +409,11 @@ class Trainer:
                 self.train_one_step(step)
                 bar.update(1)
                 done = step + 1
-                if done % int(tcfg.log_every) == 0 or done == self.steps:
+                if done % tcfg.log_every == 0 or done == self.steps:
                     self.log_figures(bar, done)
-                if done % int(tcfg.eval_every) == 0 or done == self.steps:
+                if done % tcfg.eval_every == 0 or done == self.steps:
                     self.evaluate_and_record(bar, done)
-                if done % int(tcfg.save_every) == 0 or done == self.steps:
+                if done % tcfg.save_every == 0 or done == self.steps:
                     self.save_checkpoint(done)
                 faults.kill_point(faults.KILL_AT_STEP, done)  # the resume tests: die like a SIGKILL would
         finally:
@@ -449,7 +448,7 @@ class Trainer:
     def train_one_step(self, step: int) -> None:
         """One optimiser update (train.grad_accum micro-batches), the schedule, the EMA teacher."""
         tcfg, acc, t = self.run.cfg.train, self.run.accelerator, self.t
-        for _ in range(int(tcfg.grad_accum)):
+        for _ in range(tcfg.grad_accum):
             batch = self.next_batch()
             with acc.accumulate(t.model):
                 out, log_dict = t.algo.train_step(**algos.step_inputs(t.algo, batch))
@@ -457,8 +456,8 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
                 acc.backward(loss)
-                if acc.sync_gradients and float(tcfg.clip_grad) > 0:
-                    acc.clip_grad_norm_(t.model.parameters(), float(tcfg.clip_grad))
+                if acc.sync_gradients and tcfg.clip_grad > 0:
+                    acc.clip_grad_norm_(t.model.parameters(), tcfg.clip_grad)
                 t.optimizer.step()
                 t.optimizer.zero_grad(set_to_none=True)
         t.scheduler.step()
@@ -503,7 +502,7 @@ class Trainer:
         all_idx = np.concatenate([p[0] for p in pairs])
         all_probs = np.concatenate([p[1] for p in pairs])[np.argsort(all_idx)]
         seen = gather_object([sorted(self.progress.skipped)])
-        top_k = default_top_k(len(self.test_scores), float(self.run.cfg.eval.top_k_fraction))
+        top_k = default_top_k(len(self.test_scores), self.run.cfg.eval.top_k_fraction)
         m = {"step": step, **compute_metrics(all_probs, self.test_scores, top_k=top_k)}
         m["skipped_images"] = len(set().union(*map(set, seen)))
         m["num_processes"] = self.run.world
@@ -525,7 +524,7 @@ class Trainer:
                                "num_processes": run.world})
         acc.wait_for_everyone()  # every process's files are written before it counts as whole
         if run.is_main:
-            ckpt.publish(run.run_dir, done, int(run.cfg.train.keep_checkpoints))
+            ckpt.publish(run.run_dir, done, run.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
         self.save_seconds += time.time() - t_save
 
@@ -545,7 +544,7 @@ def write_model(run: Run, trainer: Trainer, final_model: torch.nn.Module, info: 
     cfg, run_dir, algo = run.cfg, run.run_dir, trainer.t.algo
     steps = trainer.steps
     extra = {"algorithm": cfg.algorithm.name, "thresholds": algos.thresholds_for_export(algo),
-             "confidence_radius": algos.confidence_radius(algo), "trained_steps": steps, "seed": int(cfg.seed)}
+             "confidence_radius": algos.confidence_radius(algo), "trained_steps": steps, "seed": cfg.seed}
     save_model_folder(final_model, info, run_dir / "model", extra)
     (run_dir / "timing.json").write_text(json.dumps({"steps": steps - trainer.progress.start_step,
                                                      "loop_seconds": round(trainer.loop_seconds, 3),

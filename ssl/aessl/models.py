@@ -143,7 +143,7 @@ def data_config(backbone: nn.Module, image_size: int, crop_pct: float = 1.0) -> 
 def build_model(model_cfg, image_size: int, crop_pct: float = 1.0) -> tuple[ScoreModel, dict]:
     kwargs = dict(model_cfg.get("kwargs") or {})
     if model_cfg.get("drop_rate"):
-        kwargs["drop_rate"] = float(model_cfg["drop_rate"])
+        kwargs["drop_rate"] = model_cfg["drop_rate"]
     target = get_target(model_cfg.get("target"))
     backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), num_classes=target.outputs,
                                **kwargs)

@@ -58,13 +58,13 @@ class ImageMode:
         return None
 
     def build_module(self, data):
-        model, self.info = build_model(self.cfg.model, int(self.cfg.data.image_size), float(self.cfg.data.crop_pct))
+        model, self.info = build_model(self.cfg.model, self.cfg.data.image_size, self.cfg.data.crop_pct)
         return model, self.info
 
     def loaders(self, run, data, progress, training, test_rows: np.ndarray) -> Batches:
         cfg, dcfg = self.cfg, self.cfg.data
-        bsz, seed, start_micro = int(cfg.train.batch_size), int(cfg.seed), micro_batches_done(cfg, progress)
-        ubsz = bsz * int(cfg.train.uratio)
+        bsz, seed, start_micro = cfg.train.batch_size, cfg.seed, micro_batches_done(cfg, progress)
+        ubsz = bsz * cfg.train.uratio
         weak, strong = train_transforms(self.info, cfg.augment)
         lb_table, lb_targets = (data.train_set, None) if data.pseudo is None else data.pseudo.image_stream(data.train_set)
         labeled = iter(self._loader(run, DrawDataset(lb_table, "labeled", weak, seed=seed, stream=0, targets=lb_targets),
@@ -79,13 +79,13 @@ class ImageMode:
             unlabeled = iter(self._loader(run, stream, ubsz))
         # Its own generator: a loader with workers draws a base seed each time it is iterated,
         # and from the global generator that would make dropout depend on the eval cadence.
-        test = DataLoader(EvalDataset(data.test_set.select(test_rows), eval_transform(self.info), int(dcfg.image_size)),
-                          batch_size=int(cfg.eval.batch_size), num_workers=min(int(dcfg.num_workers), 2),
+        test = DataLoader(EvalDataset(data.test_set.select(test_rows), eval_transform(self.info), dcfg.image_size),
+                          batch_size=cfg.eval.batch_size, num_workers=min(dcfg.num_workers, 2),
                           generator=torch.Generator().manual_seed(0))
         return Batches(labeled, unlabeled, test)
 
     def _loader(self, run, dataset, batch_size: int, stream_start: int | None = None) -> DataLoader:
-        workers = int(self.cfg.data.num_workers)
+        workers = self.cfg.data.num_workers
         kw = dict(num_workers=workers, collate_fn=collate, worker_init_fn=worker_init,
                   pin_memory=run.accelerator.device.type == "cuda", persistent_workers=workers > 0)
         if workers > 0:
@@ -112,7 +112,7 @@ class EmbeddingMode:
     def prepare(self, run, data) -> None:
         tables = {"train": data.train_set, "test": data.test_set, "pool": data.pool,
                   **({"pseudo": data.pseudo.table} if data.pseudo is not None else {})}
-        self.feats = emb.prepare_features(self.cfg, run.accelerator, tables, int(self.cfg.data.num_workers))
+        self.feats = emb.prepare_features(self.cfg, run.accelerator, tables, self.cfg.data.num_workers)
         lost = self.feats["skipped"]["train"] + self.feats["skipped"]["test"]
         if lost:  # scored images were validated as readable; losing one silently would shift the split
             raise emb.EmbeddingError("scored images missing from the embedding cache:\n"
@@ -141,7 +141,7 @@ class EmbeddingMode:
 
     def loaders(self, run, data, progress, training, test_rows: np.ndarray) -> Batches:
         cfg, tables = self.cfg, self.feats["tables"]
-        bsz, seed, views = int(cfg.train.batch_size), int(cfg.seed), int(cfg.embed.views)
+        bsz, seed, views = cfg.train.batch_size, cfg.seed, cfg.embed.views
         start_micro = micro_batches_done(cfg, progress)
         table, scores, targets = self.labeled
         labeled = iter(self._loader(run, emb.FeatureDraws(table, "labeled", views, scores=scores, targets=targets,
@@ -149,9 +149,9 @@ class EmbeddingMode:
         unlabeled = None
         if training.uses_pool:
             draws = emb.FeatureDraws(tables["pool"], "unlabeled", views, seed=seed, stream=1,
-                                     strong_view=str(cfg.embed.strong_view), strong_noise=float(cfg.embed.strong_noise))
-            unlabeled = iter(self._loader(run, draws, bsz * int(cfg.train.uratio), start_micro))
-        test = self._loader(run, emb.FeatureEval(tables["test"], test_rows), int(cfg.eval.batch_size))
+                                     strong_view=cfg.embed.strong_view, strong_noise=cfg.embed.strong_noise)
+            unlabeled = iter(self._loader(run, draws, bsz * cfg.train.uratio, start_micro))
+        test = self._loader(run, emb.FeatureEval(tables["test"], test_rows), cfg.eval.batch_size)
         return Batches(labeled, unlabeled, test)
 
     @staticmethod
@@ -168,7 +168,7 @@ class EmbeddingMode:
 
 def micro_batches_done(cfg, progress) -> int:
     """Batches each loader has already handed out: a resumed run's loaders start there."""
-    return progress.start_step * int(cfg.train.grad_accum)
+    return progress.start_step * cfg.train.grad_accum
 
 
 def training_mode(cfg) -> ImageMode | EmbeddingMode:

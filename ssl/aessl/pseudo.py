@@ -336,12 +336,12 @@ def _table(parts: list) -> "datasets.Dataset":  # noqa: F821
 def load_pseudo_set(dcfg, algorithm_name: str, algorithm_args: dict, train_paths, test_paths) -> PseudoSet:
     """Read, check, filter and resolve every export of data.pseudo_labels; drop rows whose
     image is a test or labeled image or already taken. PseudoLabelError on anything wrong."""
-    weight = float(dcfg.pseudo_weight)
+    weight = dcfg.pseudo_weight
     refusal = algorithm_refusal(algorithm_name, dict(algorithm_args or {}), weight)
     if refusal:
         raise PseudoLabelError(refusal)
-    band = None if dcfg.pseudo_band is None else [float(v) for v in dcfg.pseudo_band]
-    accepted_only = bool(dcfg.pseudo_accepted_only)
+    band = None if dcfg.pseudo_band is None else list(dcfg.pseudo_band)  # (a ListConfig: plain for run.json)
+    accepted_only = dcfg.pseudo_accepted_only
     test_index, labeled_index = TestIndex(list(test_paths)), TestIndex(list(dict.fromkeys(train_paths)))
     seen, parts, records, probs = set(), [], [], []
     dropped = {"test": 0, "labeled": 0, "missing": 0, "duplicate": 0, "unreadable": 0}

@@ -34,9 +34,9 @@ def resolve_sources(data_cfg, is_main: bool = True, wait=lambda: None) -> dict:
     if data_cfg.get("labeled"):
         wait()
         return {
-            "labeled": str(data_cfg["labeled"]),
-            "unlabeled": str(data_cfg["unlabeled"]) if data_cfg.get("unlabeled") else None,
-            "test": str(data_cfg["test"]) if data_cfg.get("test") else None,
+            "labeled": data_cfg["labeled"],
+            "unlabeled": data_cfg["unlabeled"] or None,
+            "test": data_cfg["test"] or None,
             "truth": None,
             "origin": "config",
         }
@@ -45,8 +45,8 @@ def resolve_sources(data_cfg, is_main: bool = True, wait=lambda: None) -> dict:
         wait()
         return {
             "labeled": str(user_labeled),
-            "unlabeled": str(data_cfg["unlabeled"]) if data_cfg.get("unlabeled") else (str(user_unlabeled) if _has_images(user_unlabeled) else None),
-            "test": str(data_cfg["test"]) if data_cfg.get("test") else None,
+            "unlabeled": data_cfg["unlabeled"] or (str(user_unlabeled) if _has_images(user_unlabeled) else None),
+            "test": data_cfg["test"] or None,
             "truth": None,
             "origin": "labeled/",
         }
@@ -59,13 +59,13 @@ def resolve_sources(data_cfg, is_main: bool = True, wait=lambda: None) -> dict:
         from .synth import generate
 
         log.info("no scored images in %s: using the synthetic demo set in %s", user_labeled, out)
-        generate(out, labeled=int(syn["labeled"]), unlabeled=int(syn["unlabeled"]), test=int(syn["test"]),
-                 size=int(syn["size"]), seed=int(syn["seed"]))
+        generate(out, labeled=syn["labeled"], unlabeled=syn["unlabeled"], test=syn["test"], size=syn["size"],
+                 seed=syn["seed"])
     wait()
     return {
         "labeled": str(out / "labeled"),
-        "unlabeled": str(data_cfg["unlabeled"]) if data_cfg.get("unlabeled") else str(out / "unlabeled"),
-        "test": str(data_cfg["test"]) if data_cfg.get("test") else str(out / "test"),
+        "unlabeled": data_cfg["unlabeled"] or str(out / "unlabeled"),
+        "test": data_cfg["test"] or str(out / "test"),
         "truth": str(out / "truth.parquet"),
         "origin": "synthetic",
     }

@@ -30,7 +30,7 @@ def train_transforms(info: dict, augment_cfg) -> tuple:
     primary, _secondary, final = create_transform(
         input_size=(3, info["image_size"], info["image_size"]),
         is_training=True,
-        scale=(float(augment_cfg["weak_scale_min"]), 1.0),
+        scale=(augment_cfg["weak_scale_min"], 1.0),
         ratio=(3 / 4, 4 / 3),
         hflip=0.5,
         vflip=0.0,
@@ -43,7 +43,7 @@ def train_transforms(info: dict, augment_cfg) -> tuple:
         separate=True,
     )
     rand_augment = RandAugment(
-        int(augment_cfg["strong_n"]), int(augment_cfg["strong_m"]), exclude_color_aug=bool(augment_cfg["strong_exclude_color"])
+        augment_cfg["strong_n"], augment_cfg["strong_m"], exclude_color_aug=augment_cfg["strong_exclude_color"]
     )
     weak = T.Compose([primary, final])
     strong = T.Compose([primary, rand_augment, final])
