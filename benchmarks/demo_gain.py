@@ -38,6 +38,14 @@ def demo_algorithm() -> str:
     return str(load_config(ROOT / "configs" / "demo.yaml", []).algorithm.name)
 
 
+def variant(row: str) -> list[str]:
+    """An algorithm name, or one of ssl_gain's ablations (e.g. rankmatch-labels_only)."""
+    if row not in ssl_gain.ABLATIONS:
+        return [f"algorithm.name={row}"]
+    algorithm, args, overrides = ssl_gain.ABLATIONS[row]
+    return [f"algorithm.name={algorithm}", *(f"algorithm.args.{k}={v}" for k, v in args.items()), *overrides]
+
+
 def run_figures(run: Path, metrics: dict, workers: int) -> dict:
     import pandas as pd
 
@@ -59,7 +67,8 @@ def table(results: dict[str, list[dict]]) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algorithms", nargs="+", default=None, help="default: supervised and the demo's own algorithm")
+    p.add_argument("--algorithms", nargs="+", default=None,
+                   help="algorithms or benchmarks/ssl_gain.py ablations (default: supervised and the demo's own algorithm)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default=str(ROOT / "runs" / "demo_gain"), help="run folders go here")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "work" / "demo_gain.json"))
@@ -72,7 +81,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             run = out / f"{alg}-s{seed}"
             print(f"{alg}, seed {seed}: {run}", flush=True)
-            overrides = [f"algorithm.name={alg}", f"seed={seed}", "train.tracker=none", *args.overrides]
+            overrides = [f"seed={seed}", "train.tracker=none", *variant(alg), *args.overrides]
             metrics = ssl_gain.train(run, "demo.yaml", overrides)
             results.setdefault(alg, []).append({**run_figures(run, metrics, 2), "seed": seed})
     text = "\n".join([f"configs/demo.yaml, seeds {' '.join(map(str, args.seeds))}"
