@@ -59,14 +59,13 @@ import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
-from . import faults
+from . import faults, grids
 from .data import DataSourceError, EvalDataset, RangeBatches, load_pool, row_name, row_source, worker_init
 from .fileio import write_atomic, write_text_atomic
-from .images import UnreadableImage, load_image
 from .locks import FolderLock, FolderLocked
 from .logs import setup_logging
 from .metrics import DEFAULT_THRESHOLD, NUM_BRACKETS, confidence, expected_score
@@ -492,28 +491,12 @@ def place_top_files(top_dir: Path, ranked: list[tuple[int, str, object]], mode: 
 
 def contact_sheet(items: list[tuple[int, float, object]], path: Path, cell: int = GRID_CELL) -> None:
     """A grid of thumbnails with their rank and percent written on them (model card's top-100 sheet)."""
-
-
-    n = len(items)
-    cols = min(10, max(1, math.ceil(math.sqrt(n))))
-    rows = max(1, math.ceil(n / cols))
-    sheet = Image.new("RGB", (cols * cell, rows * cell), (24, 24, 24))
-    draw = ImageDraw.Draw(sheet)
-    try:
-        font = ImageFont.load_default(size=max(10, cell // 9))
-    except Exception:  # Pillow without FreeType: the small bitmap font
-        font = ImageFont.load_default()
-    for j, (rank, percent, src) in enumerate(items):
-        x0, y0 = (j % cols) * cell, (j // cols) * cell
-        try:
-            thumb = ImageOps.contain(load_image(src, draft_size=cell * 2), (cell - 4, cell - 4))
-            sheet.paste(thumb, (x0 + (cell - thumb.width) // 2, y0 + (cell - thumb.height) // 2))
-        except UnreadableImage:
-            draw.text((x0 + 6, y0 + cell // 2), "unreadable", fill=(200, 80, 80), font=font)
-        label = f"{rank}. {math.floor(percent * 10) / 10:.1f}%"  # floor: 99.96 is not "100.0%"
-        box = draw.textbbox((x0 + 4, y0 + cell - 4), label, font=font, anchor="lb")
-        draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
-        draw.text((x0 + 4, y0 + cell - 4), label, fill=(255, 255, 255), font=font, anchor="lb")
+    cols = min(10, max(1, math.ceil(math.sqrt(len(items)))))
+    bg = (24, 24, 24)
+    tiles = [grids.tile(src, cell, bg, pad=2, resample=Image.Resampling.BICUBIC) for _, _, src in items]
+    # floor: 99.96 is not "100.0%"
+    captions = [f"{rank}. {math.floor(percent * 10) / 10:.1f}%" for rank, percent, _ in items]
+    sheet = grids.sheet(tiles, cols, cell, bg, captions=captions)
     write_atomic(path, lambda tmp: sheet.save(tmp, format="JPEG", quality=88))
 
 

@@ -41,17 +41,15 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saved
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 from sklearn.metrics import confusion_matrix
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import runfolder
+from . import grids, runfolder
 from .data import (MANIFEST_SUFFIXES, DataSourceError, EvalDataset, LabeledSetError, load_pool, load_scored_set,
                    read_manifest, row_name, scan_labeled_folder, worker_init)
 from .export import resolve_device
 from .fileio import write_bytes_atomic
-from .images import UnreadableImage, load_image
 from .models import load_model_folder, resolve_model_folder
 from .scoring import bracket_probs, resolve_precision
 from .targets import target_of
@@ -468,50 +466,31 @@ def plot_pseudo_quality(quality: dict, counts, title: str = ""):
     return fig
 
 
-def thumbnail(path, size: int = THUMB_PX):
-    """A size x size RGB tile: small images upscaled by a whole factor with nearest-neighbour
-    (pixels stay sharp), large ones shrunk; letterboxed on light grey."""
-
-
-    tile = Image.new("RGB", (size, size), (235, 235, 235))
-    try:
-        img = load_image(path, draft_size=size * 2)
-    except UnreadableImage:
-        return tile
-    w, h = img.size
-    factor = size // max(w, h)
-    if factor >= 1:
-        img = img.resize((w * factor, h * factor), Image.Resampling.NEAREST)
-    else:
-        img.thumbnail((size, size), Image.Resampling.LANCZOS)
-    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return tile
-
-
 def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX):
-    """Thumbnails at 1:1 pixels with 'true b · p%' and the file name under each.
+    """Thumbnails at 1:1 pixels with 'true b · p%' and the file name under each. Tiles are
+    letterboxed on light grey, small images enlarged by a whole factor (pixels stay sharp).
 
     items: {'path', 'true' (bracket or None), 'percent', 'alert' (bool: red caption)}."""
     if not items:
         return None
     cols = max(1, min(cols, len(items)))
-    rows = math.ceil(len(items) / cols)
     pad, cap = 12, 40
-    cw, ch = size + pad, size + cap
-    W, H = cols * cw + pad, rows * ch + pad
+    tiles = [grids.tile(it["path"], size, (235, 235, 235), whole=True) for it in items]
+    sheet = grids.sheet(tiles, cols, (size + pad, size + cap), (255, 255, 255), margin=pad)
+    W, H = sheet.size
     with _rc():
         fig = _figure(W / 100, H / 100)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.imshow(np.asarray(sheet), interpolation="none")
+        ax.set_axis_off()
         for i, it in enumerate(items):
             r, c = divmod(i, cols)
-            x0 = pad + c * cw
-            y0 = H - pad - r * ch - size  # from the bottom, in pixels
-            ax = fig.add_axes((x0 / W, y0 / H, size / W, size / H))
-            ax.imshow(np.asarray(thumbnail(it["path"], size)), interpolation="none")
-            ax.set_axis_off()
+            x = (pad + c * (size + pad) + size / 2) / W
+            y0 = H - pad - r * (size + cap) - size  # the tile's bottom edge, in pixels from the bottom
             true = "?" if it.get("true") is None else str(it["true"])
-            fig.text((x0 + size / 2) / W, (y0 - 4) / H, f"true {true} · pred {math.floor(it['percent'])}%", ha="center", va="top",
+            fig.text(x, (y0 - 4) / H, f"true {true} · pred {math.floor(it['percent'])}%", ha="center", va="top",
                      fontsize=11, color="#c00000" if it.get("alert") else "#111", weight="bold")
-            fig.text((x0 + size / 2) / W, (y0 - 21) / H, _short(Path(str(it["path"])).name, 30), ha="center", va="top",
+            fig.text(x, (y0 - 21) / H, _short(Path(str(it["path"])).name, 30), ha="center", va="top",
                      fontsize=8, color="#666")
     return fig
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .. import grids
 from .scores import NUM_BRACKETS
 
 
@@ -23,27 +24,26 @@ def _paths_by_bracket(out: Path, rows) -> dict[int, list[str]]:
 
 def make_preview(out, rows=None, cols: int = 8, per_bracket_rows: int = 4, overview_cols: int = 10) -> Path:
     """Contact sheets: preview/bracket_XX.png (cols x rows, upscaled) and preview/overview.png
-    (one row per bracket). Labeled images first, then test, then unlabeled."""
+    (one row per bracket). Labeled images first, then test, then unlabeled; an unreadable
+    image is a placeholder tile."""
     out = Path(out)
     by = _paths_by_bracket(out, rows)
     pdir = out / "preview"
     pdir.mkdir(exist_ok=True)
     need = max(cols * per_bracket_rows, overview_cols)
-    imgs = {b: [Image.open(out / p).convert("RGB") for p in by[b][:need]] for b in by}
-    size = next((im.width for v in imgs.values() for im in v), 64)
-    tile = max(128, size)
+    imgs = {b: [grids.load(out / p) for p in by[b][:need]] for b in by}
+    size = next((im.width for v in imgs.values() for im in v if im is not None), 64)
+    nearest = Image.Resampling.NEAREST
+    tile, grey = max(128, size), (40, 40, 40)
     for b, ims in imgs.items():
-        sheet = Image.new("RGB", (cols * tile, per_bracket_rows * tile), (40, 40, 40))
-        for k, im in enumerate(ims[: cols * per_bracket_rows]):
-            sheet.paste(im.resize((tile, tile), Image.Resampling.NEAREST), ((k % cols) * tile, (k // cols) * tile))
-        sheet.save(pdir / f"bracket_{b:02d}.png", optimize=True)
-    otile = max(64, size)
-    margin = 28
-    ov = Image.new("RGB", (margin + overview_cols * otile, NUM_BRACKETS * otile), (255, 255, 255))
+        tiles = [grids.tile(im, tile, grey, resample=nearest) for im in ims[: cols * per_bracket_rows]]
+        grids.sheet(tiles, cols, tile, grey, rows=per_bracket_rows).save(pdir / f"bracket_{b:02d}.png", optimize=True)
+    otile, white = max(64, size), (255, 255, 255)
+    tiles = [grids.tile(ims[k], otile, white, resample=nearest) if k < len(ims) else None
+             for ims in imgs.values() for k in range(overview_cols)]
+    ov = grids.sheet(tiles, overview_cols, otile, white, rows=NUM_BRACKETS, margin=(28, 0))
     d = ImageDraw.Draw(ov)
-    for b, ims in imgs.items():
+    for b in imgs:
         d.text((4, b * otile + otile // 2 - 6), str(b), fill=(0, 0, 0))
-        for k, im in enumerate(ims[:overview_cols]):
-            ov.paste(im.resize((otile, otile), Image.Resampling.NEAREST), (margin + k * otile, b * otile))
     ov.save(pdir / "overview.png", optimize=True)
     return pdir / "overview.png"
