@@ -14,25 +14,15 @@ Files that could not be read (permissions, I/O errors) are skipped and retried o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (default: configs/embed_demo.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=vit_base_patch16_clip_224 embed.views=4")
-    args = p.parse_args(argv)
+    from aessl.config import load_cli_config
 
-    from aessl.config import ConfigError, load_config
-
-    here = Path(__file__).resolve().parent
-    try:
-        cfg = load_config(args.config or here.parent / "configs" / "embed_demo.yaml", args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_cli_config(argv, __doc__, "embed_demo.yaml", "model.name=vit_base_patch16_clip_224 embed.views=4")
+    if cfg is None:
         return 2
 
     from accelerate import Accelerator

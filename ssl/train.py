@@ -8,27 +8,14 @@ aessl/modes.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 algorithm.name=freematch")
-    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from aessl.config import ConfigError, load_config
+    from aessl.config import load_cli_config
 
-    here = Path(__file__).resolve().parent
-    try:
-        cfg = load_config(args.config or here.parent / "configs" / "demo.yaml", args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_cli_config(argv, __doc__, "demo.yaml", "train.steps=200 algorithm.name=freematch")
+    if cfg is None:
         return 2
     from aessl import loop
     from aessl.modes import training_mode

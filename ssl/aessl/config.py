@@ -13,6 +13,7 @@ holding them, so code reading a config gets the schema's types without casting.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, get_type_hints
@@ -188,6 +189,24 @@ RANGES = {key: meta["range"] for key, _, meta in _schema() if "range" in meta}
 
 class ConfigError(ValueError):
     pass
+
+
+def load_cli_config(argv, description: str, default_config: str, example: str):
+    """An entry script's command line, `[--config FILE] [key=value ...]`, as a checked config
+    (configs/<default_config> when no --config is given); None, with the error printed to
+    stderr, for a bad one (the script then exits 2)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML config (default: configs/{default_config})")
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    args = p.parse_args(argv)
+    try:
+        return load_config(args.config or Path(__file__).resolve().parents[2] / "configs" / default_config,
+                           args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def _parse_override(text: str):
