@@ -279,13 +279,6 @@ def test_bad_numbers_in_config_are_clear_errors(override, says, toy_data, tmp_pa
     assert not (tmp_path / "r").exists()
 
 
-def test_numbers_yaml_reads_as_strings_are_numbers():
-    from aessl.config import load_config
-
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.steps=1e3", "train.lr=2e-3"])
-    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int) and cfg.train.lr == 0.002
-
-
 def test_entirely_unreadable_pool_is_a_clear_error(toy_data, tmp_path, capsys):
     pool = tmp_path / "pool"
     pool.mkdir()
