@@ -1,5 +1,5 @@
 """Evaluation reports: score a scored set (and optionally an unlabeled pool) with one or more
-trained models, compute every DESIGN metric, draw the plots and write one self-contained
+trained models, compute every metric of the report (metrics.py), draw the plots and write one self-contained
 `report.html` next to `metrics.json`, the PNGs and the raw predictions.
 
 Pieces, each usable alone:
