@@ -120,7 +120,7 @@ class EmbedConfig:  # embedding mode's feature cache (ssl/embed.py fills it; tra
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "fixmatch"  # supervised | fixmatch | flexmatch | freematch | softmatch | ... | ordinal
+    name: str = "rankmatch"  # supervised | fixmatch | rankmatch | flexmatch | freematch | softmatch | ... | ordinal
     lambda_u: float = _num(1.0, ge=0.0)  # weight of the unlabeled loss
     args: Dict[str, Any] = field(default_factory=dict)  # algorithm-specific arguments (T, p_cutoff, ...), USB names
 
