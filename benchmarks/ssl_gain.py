@@ -551,7 +551,8 @@ def args_table(rows, scale: dict, modes) -> list[str]:
     for row in rows:
         if row in CEILINGS:
             continue
-        cells = [", ".join(f"{k}={v}" for k, v in algorithm_args(row, recipe(scale, m)["steps"]).items())
+        extra = ABLATIONS[row][2] if row in ABLATIONS else []  # e.g. algorithm.lambda_u=0
+        cells = [", ".join([f"{k}={v}" for k, v in algorithm_args(row, recipe(scale, m)["steps"]).items()] + extra)
                  or "USB/our defaults" for m in modes]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
