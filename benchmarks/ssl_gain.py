@@ -159,6 +159,8 @@ ABLATIONS = {  # an algorithm with one part switched off (--ablation [ordinal ra
     "rankmatch-no_pool_ranking": ("rankmatch", {"rank_margin": 1000}, []),
     # and without FixMatch's term either: the labels alone with a ranking term (does the pool pay?)
     "rankmatch-labels_only": ("rankmatch", {"rank_margin": 1000}, ["algorithm.lambda_u=0"]),
+    # the ranking terms alone, on labeled and pool pairs, without FixMatch's pseudo-labels
+    "rankmatch-no_fixmatch": ("rankmatch", {}, ["algorithm.lambda_u=0"]),
 }
 METRICS = ["qwk", "mae", "spearman", "false_positive_rate", "top_k_precision"] + [f"recall_{b}" for b in range(11)]
 
