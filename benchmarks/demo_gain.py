@@ -32,30 +32,19 @@ COLUMNS = [("qwk", "QWK ↑"), ("mae", "MAE ↓"), ("false_positive_rate", "test
            ("pool_top1_precision", "pool top-1% ↑"), ("pool_false_positive_rate", "pool FPR ↓")]
 
 
-def demo_algorithm() -> str:
+def demo_config(overrides: list[str]):
     from aessl.config import load_config
 
-    return str(load_config(ROOT / "configs" / "demo.yaml", []).algorithm.name)
-
-
-def variant(row: str) -> list[str]:
-    """An algorithm name, or one of ssl_gain's ablations (e.g. rankmatch-labels_only)."""
-    if row not in ssl_gain.ABLATIONS:
-        return [f"algorithm.name={row}"]
-    algorithm, args, overrides = ssl_gain.ABLATIONS[row]
-    return [f"algorithm.name={algorithm}", *(f"algorithm.args.{k}={v}" for k, v in args.items()), *overrides]
+    return load_config(ROOT / "configs" / "demo.yaml", overrides)
 
 
 def run_figures(run: Path, metrics: dict, workers: int) -> dict:
-    import pandas as pd
-
     sources = json.loads((run / "run.json").read_text())["sources"]
     if not sources.get("truth"):
         raise SystemExit(f"{run}: trained on data without known truth (not the synthetic demo set)")
-    truth = Path(sources["truth"])
-    pool = (pd.read_parquet(truth).query("split == 'unlabeled'").sort_values("path").reset_index(drop=True))
-    paths = [str(truth.parent / p) for p in pool["path"]]
-    return ssl_gain.figures(run, metrics, pool, paths, workers, {})
+    main = Path(sources["truth"]).parent
+    pool = ssl_gain.pool_truth(main)
+    return ssl_gain.figures(run, metrics, pool, [str(main / p) for p in pool["path"]], workers, {})
 
 
 def table(results: dict[str, list[dict]]) -> list[str]:
@@ -75,13 +64,15 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run (e.g. train.steps=300)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    algorithms = args.algorithms or ["supervised", demo_algorithm()]
+    cfg = demo_config(args.overrides)
+    algorithms = args.algorithms or ["supervised", cfg.algorithm.name]
     out, results = Path(args.out).resolve(), {}
     for alg in algorithms:
         for seed in args.seeds:
             run = out / f"{alg}-s{seed}"
             print(f"{alg}, seed {seed}: {run}", flush=True)
-            overrides = [f"seed={seed}", "train.tracker=none", *variant(alg), *args.overrides]
+            overrides = [f"seed={seed}", "train.tracker=none", *ssl_gain.algorithm_overrides(alg, cfg.train.steps),
+                         *args.overrides]
             metrics = ssl_gain.train(run, "demo.yaml", overrides)
             results.setdefault(alg, []).append({**run_figures(run, metrics, 2), "seed": seed})
     text = "\n".join([f"configs/demo.yaml, seeds {' '.join(map(str, args.seeds))}"

@@ -295,16 +295,21 @@ def recipe_overrides(mode: str, scale: dict, backbone: Path | None, work: Path) 
                      f"embed.cache_dir={work / 'embed_cache'}"]
 
 
+def algorithm_overrides(row: str, steps: int) -> list[str]:
+    """A row's algorithm as overrides: algorithm.name first, then its arguments for a run of
+    `steps` steps (algorithm_args) and an ablation's own overrides. benchmarks/demo_gain.py
+    trains its rows through this too."""
+    args = [f"algorithm.args.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in algorithm_args(row, steps).items()]
+    return [f"algorithm.name={algorithm_of(row)}", *args, *(ABLATIONS[row][2] if row in ABLATIONS else [])]
+
+
 def run_overrides(row: str, manifests: dict, data: dict, seed: int, steps: int) -> list[str]:
     """What one row trains on: its labels, the pool for algorithms, the algorithm and its args."""
     labeled = manifests.get(row, manifests[FLOOR])
-    out = [f"data.labeled={labeled}", f"data.test={data['main'] / 'test'}", f"seed={seed}",
-           f"algorithm.name={algorithm_of(row)}"]
-    if algorithm_of(row) != FLOOR:
-        out.append(f"data.unlabeled={data['main'] / 'unlabeled'}")
-    out += [f"algorithm.args.{k}={str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in algorithm_args(row, steps).items()]
-    return out + (ABLATIONS[row][2] if row in ABLATIONS else [])
+    name, *rest = algorithm_overrides(row, steps)
+    pool = [f"data.unlabeled={data['main'] / 'unlabeled'}"] if algorithm_of(row) != FLOOR else []
+    return [f"data.labeled={labeled}", f"data.test={data['main'] / 'test'}", f"seed={seed}", name, *pool, *rest]
 
 
 def train(run: Path, config: str, overrides: list[str], dry_run: bool = False,
