@@ -80,7 +80,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +93,7 @@ sys.path.insert(0, str(ROOT / "ssl"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ssl_gain_lib as lib  # noqa: E402
+from aessl.sweep import run_is_finished, train_run  # noqa: E402
 
 # Every scale: the data, the image-mode recipe, the embedding-mode recipe (head on the frozen
 # backbone of a supervised image-mode run on --pretrain-seed's set) and which modes it runs.
@@ -326,23 +326,13 @@ def train(run: Path, config: str, overrides: list[str], dry_run: bool = False,
         load_config(ROOT / "configs" / config, overrides + [f"output_dir={run}"])
         print("  " + shlex.join(cmd))
         return None
-    record, settings = run / "benchmark_overrides.json", {"config": config, "overrides": overrides,
-                                                          "labeled_sha256": labeled_digest(overrides)}
-    if record.exists() and json.loads(record.read_text()) != settings:
-        raise RuntimeError(f"{run} was trained with other settings or labels than this benchmark now uses "
-                           f"(see {record}); delete that folder or pass another --out")
-    if not (run / "model" / "config.json").exists():
-        run.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings, indent=1))
-        if (run / "metrics.jsonl").exists() or (run / "checkpoints").exists():
-            cmd.append("resume=true")
-        t, log = time.time(), run / "train.log"
-        with open(log, "a") as out:  # appended as it runs: `tail -f` it during a long run
-            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-        if code != 0:
-            raise RuntimeError(f"{run}: train.py exited {code}; the end of {log}:\n{log.read_text()[-3000:]}")
-        if not keep_checkpoints:
-            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    t, finished = time.time(), run_is_finished(run)
+    # the run's record keeps this benchmark's format ("config" is the file's name), so runs
+    # trained before the sweep runner existed are still recognised and reused
+    train_run(run, ROOT / "configs" / config, overrides, keep_checkpoints=keep_checkpoints,
+              record_name="benchmark_overrides.json",
+              record_extra={"config": config, "labeled_sha256": labeled_digest(overrides)})
+    if not finished:
         print(f"  trained {run.parent.name}/{run.name} in {time.time() - t:.0f}s", flush=True)
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 

@@ -1,0 +1,232 @@
+"""ssl/sweep.py: sweep files, the Optuna study that remembers finished runs, the statistics
+and the report. One test trains for real (and is killed mid-sweep); the others replace
+train.py with a stand-in so the scheduling logic runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, data_args
+
+from aessl import sweep as sw
+from aessl.sweep_report import bootstrap_ci, mean_ci, paired_table, wilcoxon_p
+
+SWEEP = [sys.executable, str(ROOT / "ssl" / "sweep.py")]
+
+
+def write_sweep(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def tiny_sweep(tmp_path, toy, **extra) -> Path:
+    spec = {"name": "t", "base": "configs/demo.yaml",
+            "overrides": [*TINY, *data_args(toy), "algorithm.name=supervised", "train.steps=6", "train.eval_every=6",
+                          "train.save_every=3"],
+            "axes": {"train.lr": [0.001, 0.003, 0.01]}, "seeds": [0], **extra}
+    return write_sweep(tmp_path / "t.yaml", **spec)
+
+
+# ------------------------------------------------------------------ the sweep file
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"axes": {"train.lr": [0.1]}, "colour": 1}, "unknown key"),
+    ({"axes": {"train.lr": []}}, "axes.train.lr must be a non-empty list"),
+    ({"axes": {"train.lr": [1, 2], "seed": [1]}, "combine": "zip"}, "zip needs every axis"),
+    ({"axes": {"train.lr": [0.1]}, "seeds": [0, 0]}, "seeds must be a list of distinct integers"),
+    ({}, "nothing to sweep"),
+    ({"axes": {"train.lr": [0.1]}, "objective": {"metric": "loss"}}, "objective.metric"),
+    ({"axes": {"train.lr": [0.1]}, "base": "configs/nope.yaml"}, "base config not found"),
+    ({"search": {"space": {"train.lr": {"low": 1, "high": 0.1}}}}, "low must be below high"),
+    ({"axes": {"train.lr": [0.1]}, "data": {"pool": "x"}}, "data: unknown key"),
+])
+def test_a_bad_sweep_file_is_refused_naming_the_key(tmp_path, spec, message):
+    path = write_sweep(tmp_path / "bad.yaml", **spec)
+    with pytest.raises(sw.SweepError, match=message):
+        sw.load_sweep(path)
+
+
+def test_a_cell_with_a_bad_config_value_is_refused_before_anything_trains(tmp_path, toy_data):
+    path = tiny_sweep(tmp_path, toy_data, axes={"train.lr": [0.001, -1.0]})
+    proc = subprocess.run([*SWEEP, str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "out of range" in proc.stderr
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_cells_cross_or_zip_the_axes_with_stable_folder_names():
+    spec = sw.Sweep(path=Path("x.yaml"), name="x", base=Path("b"), overrides=[], data={},
+                    axes={"data.image_size": [32, 64], "model.name": ["a", "b"]}, combine="grid", seeds=[0],
+                    metric="qwk", direction="maximize", search=None)
+    grid = sw.cells(spec)
+    assert [c.values for c in grid] == [{"data.image_size": 32, "model.name": "a"}, {"data.image_size": 32, "model.name": "b"},
+                                        {"data.image_size": 64, "model.name": "a"}, {"data.image_size": 64, "model.name": "b"}]
+    assert grid[0].overrides == ["data.image_size=32", "model.name=a"]
+    spec.combine = "zip"
+    zipped = sw.cells(spec)
+    assert [c.values for c in zipped] == [grid[0].values, grid[3].values]
+    assert zipped[0].tag == grid[0].tag  # a cell's folder depends on its values only
+    assert sw.as_override("algorithm.args", {"p_cutoff": 0.9}) == 'algorithm.args={"p_cutoff": 0.9}'
+    assert sw.as_override("x", True) == "x=true" and sw.as_override("x", None) == "x=null"
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_confidence_intervals_and_paired_tests_on_known_numbers():
+    from scipy import stats
+
+    m, ci, n = mean_ci([0.5, 0.6, 0.7])
+    assert (m, n) == (pytest.approx(0.6), 3)
+    assert ci == pytest.approx(stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
+    assert np.isnan(mean_ci([0.5])[1])
+    # b beats a by 0.05 +- a little on six paired seeds: the CI excludes zero; the sign test is exact
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.5, 0.7, size=6)
+    rows = [{"cell": f"a{i}", "arch": "a", "res": 32, "seed": i, "qwk": a[i]} for i in range(6)]
+    rows += [{"cell": f"b{i}", "arch": "b", "res": 32, "seed": i, "qwk": a[i] + 0.05 + 0.01 * (i % 2)} for i in range(6)]
+    pairs = paired_table(pd.DataFrame(rows), "arch", ["arch", "res"], "qwk")
+    row = pairs.iloc[0]
+    assert (row["a"], row["b"], row["pairs"]) == ("a", "b", 6)
+    assert row["mean_diff"] == pytest.approx(0.055)
+    assert 0.05 <= row["ci_low"] < row["ci_high"] <= 0.06
+    assert row["wilcoxon_p"] == pytest.approx(2 / 2 ** 6)  # all six the same sign: the smallest two-sided p
+    assert (row["b_better"], row["a_better"]) == (6, 0)
+    # no difference: p = 1, CI around zero; lower-is-better metrics count wins the other way
+    assert wilcoxon_p([0.0, 0.0, 0.0]) == 1.0
+    assert bootstrap_ci([0.1])[0] != bootstrap_ci([0.1])[0]  # NaN: no interval from one pair
+    mae = paired_table(pd.DataFrame([{**r, "mae": r["qwk"]} for r in rows]), "arch", ["arch", "res"], "mae")
+    assert (mae.iloc[0]["b_better"], mae.iloc[0]["a_better"]) == (0, 6)
+
+
+# ------------------------------------------------------------------ scheduling (train.py replaced)
+
+
+class FakeTrainer:
+    """Stands in for sw.train_run: writes the run folder's files the sweep reads, fails the
+    runs named in `fail` once, and counts calls per run."""
+
+    def __init__(self, fail=()):
+        self.calls: dict[str, int] = {}
+        self.fail = set(fail)
+
+    def __call__(self, run, base, overrides, launcher=(), keep_checkpoints=False, **kw):
+        key = f"{run.parent.name}/{run.name}"
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if run.parent.name.startswith(tuple(self.fail)) and self.calls[key] == 1:
+            raise sw.RunFailed(f"{run}: train.py exited 1")
+        lr = float(next(o for o in overrides if o.startswith("train.lr=")).split("=")[1])
+        seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
+        return {"qwk": 0.5 + lr + 0.01 * seed, "mae": 1.0 - lr, "false_positive_rate": 0.1, "wall_s": 1.0,
+                "params": 10, "step": 6}
+
+
+def test_a_grid_trains_each_run_once_and_a_failed_run_again_at_the_next_start(tmp_path, toy_data, monkeypatch):
+    path = tiny_sweep(tmp_path, toy_data, seeds=[0, 1])
+    spec, out = sw.load_sweep(path), tmp_path / "out"
+    fake = FakeTrainer(fail=["lr-0.003"])
+    monkeypatch.setattr(sw, "train_run", fake)
+    study, errors = sw.run_sweep(spec, out, progress=False)
+    assert len(errors) == 2 and all("exited 1" in e for e in errors)  # that cell, both seeds
+    assert len(sw.missing(study, spec)) == 2
+    assert sum(fake.calls.values()) == 6 and all(v == 1 for v in fake.calls.values())
+
+    study, errors = sw.run_sweep(spec, out, progress=False)  # the next start: only the failed runs again
+    assert errors == [] and sw.missing(study, spec) == []
+    assert sum(fake.calls.values()) == 8 and sorted(fake.calls.values()) == [1, 1, 1, 1, 2, 2]
+    table = sw.results_table(study, spec)
+    assert len(table) == 6 and sorted(set(table["train.lr"])) == [0.001, 0.003, 0.01]
+    assert table.loc[(table["train.lr"] == 0.01) & (table["seed"] == 1), "qwk"].item() == pytest.approx(0.52)
+
+    study, errors = sw.run_sweep(spec, out, progress=False)  # nothing left: nothing trains
+    assert sum(fake.calls.values()) == 8
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # (study.ask: how the test fakes a killed trial)
+def test_a_trial_left_running_by_a_dead_sweep_is_retried(tmp_path, toy_data, monkeypatch):
+    from optuna.trial import TrialState
+
+    spec, out = sw.load_sweep(tiny_sweep(tmp_path, toy_data)), tmp_path / "out"
+    fake = FakeTrainer()
+    monkeypatch.setattr(sw, "train_run", fake)
+    study = sw.open_study(spec, f"sqlite:///{tmp_path / 'study.db'}")
+    # what a SIGKILLed sweep leaves: a RUNNING trial whose worker (this host, a dead pid) is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask()
+    trial.suggest_categorical("cell", [c.tag for c in sw.cells(spec)])
+    trial.suggest_categorical("seed", [0])
+    import socket
+
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+    study, errors = sw.run_sweep(spec, out, storage_url=f"sqlite:///{tmp_path / 'study.db'}", progress=False)
+    assert errors == [] and sw.missing(study, spec) == []
+    assert sum(fake.calls.values()) == 3
+    assert study.trials[0].state == TrialState.FAIL  # the dead one, retried as a new trial
+
+
+def test_a_search_runs_its_trials_over_every_seed(tmp_path, toy_data, monkeypatch):
+    path = tiny_sweep(tmp_path, toy_data, axes={}, seeds=[0, 1],
+                      search={"trials": 4, "space": {"train.lr": {"low": 0.001, "high": 0.1, "log": True}}})
+    spec, out = sw.load_sweep(path), tmp_path / "out"
+    fake = FakeTrainer()
+    monkeypatch.setattr(sw, "train_run", fake)
+    study, errors = sw.run_sweep(spec, out, progress=False)
+    assert errors == [] and len(study.trials) == 4
+    table = sw.results_table(study, spec)
+    assert len(table) == 8 and set(table["seed"]) == {0, 1}
+    assert all(0.001 <= lr <= 0.1 for lr in table["train.lr"])
+    assert study.best_value == pytest.approx(max(0.5 + lr + 0.005 for lr in table["train.lr"]))
+
+
+# ------------------------------------------------------------------ for real: killed, run again
+
+
+def test_a_killed_sweep_run_again_finishes_only_the_missing_runs(tmp_path, toy_data):
+    path = tiny_sweep(tmp_path, toy_data)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*SWEEP, str(path), "--out", str(out), "--no-progress"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    first = None
+    while time.time() < deadline and first is None:
+        done = sorted(out.glob("runs/*/s0/model/config.json"))
+        first = done[0] if done else None
+        time.sleep(0.2)
+    assert first is not None, "no run finished within 300 s"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the train.py it was running
+    proc.wait()
+    finished_before = {p.parent.parent.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/s0/model/config.json")}
+    assert 1 <= len(finished_before) < 3
+
+    again = subprocess.run([*SWEEP, str(path), "--out", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for cell, mtime in finished_before.items():  # finished runs were not trained again
+        assert (out / "runs" / cell / "s0" / "model" / "config.json").stat().st_mtime_ns == mtime
+        assert (out / "runs" / cell / "s0" / "train.log").read_text().count("\n$ ") == 1
+    table = pd.read_parquet(out / "results.parquet")
+    assert sorted(table["train.lr"]) == [0.001, 0.003, 0.01] and table["qwk"].notna().all()
+    assert set(table.columns) >= {"cell", "seed", "qwk", "mae", "false_positive_rate", "wall_s", "params"}
+    assert (table["params"] > 0).all()
+    html = (out / "report.html").read_text()
+    assert html.count("<tr class='cell'>") == 3 and "95% CI" in html
+    assert "<img alt='QWK vs train.lr' src='data:image/png;base64," in html  # numeric axis: a plot, inlined
+    # the report alone, from the study
+    rep = subprocess.run([*SWEEP, str(path), "--out", str(out), "--report-only"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0 and "3 runs" in rep.stdout
+    assert json.loads((out / "runs" / first.parents[2].name / "s0" / sw.RECORD).read_text())["overrides"]
