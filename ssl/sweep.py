@@ -67,6 +67,7 @@ def dry_run(spec, out: Path) -> int:
     shared = ["data.labeled=<generated>/labeled", "data.test=<generated>/test",
               "data.unlabeled=<generated>/unlabeled"] if "synth" in spec.data else []
     runner = sw.Runner(spec, out, shared, {"out": out, "data": out / "data",
+                                            **{f"data.{n}": out / "data" / n for n in spec.data.get("more", {})},
                                             **{f"before.{n}": out / "before" / n for n in spec.before}})
     sw.check_cells(spec, runner)
     for name, overrides in spec.before.items():

@@ -8,6 +8,7 @@ A sweep file (YAML; configs/sweeps/ holds ready-made ones):
     data:                               # optional: where the runs' data comes from
       synth: {seed: 7, labeled: 600, unlabeled: 2000, test: 300, size: 128}
       #   generated once into OUT/data/ by ssl/synth.py (any of its options), or give paths:
+      more: {other: {seed: 99, size: 128}}   # more synthetic sets, as {data.other}
       # labeled: /data/labeled
       # test: /data/test
       # unlabeled: /data/pool
@@ -21,11 +22,12 @@ A sweep file (YAML; configs/sweeps/ holds ready-made ones):
       trials: 20
       space: {train.lr: {low: 1e-4, high: 1e-2, log: true}, model.name: [test_convnext3, test_vit]}
     before:                             # optional: runs trained once before any cell (e.g. a
-      weak: [data.labeled={data}/weak_signal.csv, model.target=regression]   # pre-training);
-                                        # a value may say {before.weak} for that run's folder
+      weak: [data.labeled={data}/weak_signal.csv, model.target=regression]   # pre-training),
+                                        # with `overrides` then these; {before.weak} is its folder
 
 Strings in `overrides`, axis values and `before` may use `{out}` (the sweep's folder),
-`{data}` (the generated or given data folder) and `{before.NAME}`.
+`{data}` (the generated or given data folder), `{data.NAME}` (a data.more set) and
+`{before.NAME}` (a before-run's folder).
 
 How it runs. One Optuna study per sweep, in an RDB storage: by default the SQLite file
 OUT/study.db, or a database URL (--storage) that several machines share, each running the
@@ -161,9 +163,11 @@ def load_sweep(path: str | Path) -> Sweep:
             raise SweepError(f"{path}: before.{key} must be a list of key=value overrides")
     launcher = need("launcher", list, [])
     data = need("data", dict, {})
-    unknown = sorted(set(data) - {"synth", "labeled", "test", "unlabeled"})
+    unknown = sorted(set(data) - {"synth", "more", "labeled", "test", "unlabeled"})
     if unknown:
-        raise SweepError(f"{path}: data: unknown key(s) {', '.join(unknown)} (synth, labeled, test, unlabeled)")
+        raise SweepError(f"{path}: data: unknown key(s) {', '.join(unknown)} (synth, more, labeled, test, unlabeled)")
+    if not isinstance(data.get("more", {}), dict):
+        raise SweepError(f"{path}: data.more must map names to synthetic sets ({{NAME: {{seed: ..., ...}}}})")
     overrides = need("overrides", list, [])
     if not all(isinstance(o, str) and "=" in o for o in overrides):
         raise SweepError(f"{path}: overrides must be a list of key=value strings")
@@ -246,23 +250,17 @@ def substitute(text: str, where: dict) -> str:
 # Data, runs
 
 
-def prepare_data(sweep: Sweep, out: Path) -> tuple[list[str], Path | None]:
-    """The data overrides every run gets, and the data folder ({data}); a synth: section is
+def prepare_data(sweep: Sweep, out: Path) -> tuple[list[str], dict]:
+    """The data overrides every run gets, and the placeholders they define: {data} (the data
+    folder) and {data.NAME} for each extra synthetic set under data.more. Synthetic sets are
     generated once (ssl/synth.py skips a set whose arguments have not changed)."""
     data = dict(sweep.data)
     folder = None
     overrides = []
+    where = {f"data.{name}": _synth(sweep, out, spec, f"data.more.{name}", name)
+             for name, spec in (data.pop("more", None) or {}).items()}
     if "synth" in data:
-        spec = data.pop("synth") or {}
-        if not isinstance(spec, dict):
-            raise SweepError(f"{sweep.path}: data.synth must be a mapping of ssl/synth.py options")
-        from .synth.dataset import generate
-
-        folder = out / "data" / ("synth-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8])
-        try:
-            generate(folder, **spec, progress=False)
-        except TypeError as exc:
-            raise SweepError(f"{sweep.path}: data.synth: {exc}") from None
+        folder = _synth(sweep, out, data.pop("synth"), "data.synth", "synth")
         overrides += [f"data.labeled={folder / 'labeled'}", f"data.test={folder / 'test'}",
                       f"data.unlabeled={folder / 'unlabeled'}"]
     for key in ("labeled", "test", "unlabeled"):
@@ -272,7 +270,22 @@ def prepare_data(sweep: Sweep, out: Path) -> tuple[list[str], Path | None]:
                 raise SweepError(f"{sweep.path}: data.{key} not found: {path}")
             overrides = [o for o in overrides if not o.startswith(f"data.{key}=")] + [f"data.{key}={path}"]
             folder = folder or path.parent
-    return overrides, folder
+    where["data"] = folder if folder is not None else out / "data"
+    return overrides, where
+
+
+def _synth(sweep: Sweep, out: Path, spec, key: str, stem: str) -> Path:
+    """A synthetic set from ssl/synth.py's options (`weak_signal: true` -> --weak-signal, ...)."""
+    if not isinstance(spec, dict):
+        raise SweepError(f"{sweep.path}: {key} must be a mapping of ssl/synth.py options")
+    from .synth.dataset import generate
+
+    folder = out / "data" / f"{stem}-{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]}"
+    try:
+        generate(folder, **spec, progress=False)
+    except (TypeError, ValueError) as exc:
+        raise SweepError(f"{sweep.path}: {key}: {exc}") from None
+    return folder
 
 
 def run_is_finished(run: Path) -> bool:
@@ -502,7 +515,7 @@ def train_before(sweep: Sweep, out: Path, shared: list[str], where: dict, keep_c
     for name, overrides in sweep.before.items():
         run = out / "before" / name
         where[f"before.{name}"] = run
-        resolved = [*shared, *(substitute(o, where) for o in overrides)]
+        resolved = [*shared, *(substitute(o, where) for o in [*sweep.overrides, *overrides])]
         print(f"before: {name} ({run})", flush=True)
         train_run(run, sweep.base, resolved, sweep.launcher, keep_checkpoints)
     return where
@@ -518,8 +531,8 @@ def run_sweep(sweep: Sweep, out: Path, storage_url: str | None = None, keep_chec
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    shared, folder = prepare_data(sweep, out)
-    where = {"out": out, "data": folder if folder is not None else out / "data"}
+    shared, where = prepare_data(sweep, out)
+    where.update({"out": out, **{f"before.{n}": out / "before" / n for n in sweep.before}})
     runner = Runner(sweep, out, shared, where, keep_checkpoints)
     check_cells(sweep, runner)
     train_before(sweep, out, shared, where, keep_checkpoints)
