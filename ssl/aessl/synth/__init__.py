@@ -11,6 +11,8 @@ images whose true score (continuous, 0-10) is known, in the project's data layou
     out_dir/synth.json                       arguments and counts; written last, so its presence
                                              means the set is whole (and re-running is a no-op)
     out_dir/preview/                         contact sheets (--preview)
+    out_dir/weak_signal.csv                  path,score of every pool image from its weak signal
+                                             (--weak-signal; truth.parquet then has weak_signal)
 
 What the brackets look like (the model card's table, drawn with numpy and PIL):
 
@@ -54,6 +56,34 @@ kind/colour/pattern (including a fine texture that looks like "detail"), hair st
 ears, arm pose, light direction, mirror flip, small position/size jitter, line colour and
 width, paper tint, ink colour.
 
+Weak signal (--weak-signal, off by default). A stand-in for what a crawl gives for free, a
+booru favourite count or score percentile: a noisy, biased, heavy-tailed signal of the true
+score for every pool image, to try weak supervision (or pool ranking) against. With the
+parameters of WEAK_SIGNAL in `scores.py`:
+
+    raw = base * exp(slope * (score - 5) + ears_boost * ears + meme_boost * meme + sigma * z)
+               * (1 - u) ** (-1 / tail_shape)          z ~ N(0, 1), u ~ U[0, 1)
+
+    base 20 (median favourites of a plain score-5 image), slope 0.45 (x1.57 a score point),
+    sigma 0.8 (log-normal popularity noise), tail_shape 1.5 (a Pareto "virality" factor
+    with x_m = 1: infinite variance; on the default pool the top 1% of images hold a third
+    of all favourites and the largest is ~3,000 x the median)
+
+Monotone in expectation: E[raw | score, nuisances] = base * e^(slope (score - 5) + boosts)
+* e^(sigma^2 / 2) * 3. The bias, towards things popular on boorus whatever their quality:
+`ears` (animal ears, a nuisance of every character and sketch, brackets 2-10) multiplies
+favourites by e^0.5 = 1.65, about a bracket; `meme` (bracket-0 text images of variant
+text_meme) by e^2.5 = 12, which lifts a score-0 meme to the pool's middle (its mean manifest
+score is ~6.9 against ~1.8 for the other bracket-0 images). truth.parquet's `weak_signal` is
+`raw` (NaN off the pool); weak_signal.csv scores each pool image 10 x its mid-rank pool
+percentile, 10 * (rank - 0.5) / n (ties averaged), so the scores spread uniformly over
+(0, 10) and the file trains as `data.labeled=<set>/weak_signal.csv` (paths relative to the
+set folder). Spearman of raw with the true score on the default pool (20,000 crawl images,
+seed 0): 0.662 (0.61-0.75 on pools of 400). synth.json records the parameters in its args
+(so changing them, or turning the flag on, redraws the set; off, the args are as before),
+plus the formula and the set's own Spearman. The draw has its own stream per image
+(`_STREAM_WEAK`): turning it on changes no image and no other column.
+
 Difficulty knobs (constants at the top of `aessl/synth/scores.py`; the lead engineer tunes
 them against a measured supervised kappa; synth.json records them, so a set generated with
 other values is redrawn):
@@ -69,14 +99,14 @@ other values is redrawn):
     ATTRIBUTE_SPREAD      (default 0.15) how much the attributes of one image disagree.
 
 Determinism: every image's random numbers come from `default_rng([seed, split, index, k])`
-(k = 0 for the scene, 1 for resolution-dependent texture), never from worker order, and
+(k = 0 for the scene, 1 for resolution-dependent texture, 104 for the weak signal), never from worker order, and
 PNGs are written with fixed settings and no metadata, so a seed gives byte-identical files
 and truth table whatever `workers` is. The scene (geometry, colours) is also the same at
 every --size; only the rasterisation changes.
 
 Modules, one job each:
 
-    scores     brackets per split, scores, attributes, simulated raters, the knobs
+    scores     brackets per split, scores, attributes, simulated raters, the weak signal, the knobs
     draw       drawing primitives: colours, contours, noise, backgrounds, pseudo-3D shading
     character  the character: flat/shaded illustrations (4-10) and sketches (2-3)
     scenes     everything else: photos, noise, text (0); manga, scenery, animals, objects (1)
@@ -95,13 +125,13 @@ from .render import NUISANCE_COLUMNS, RENDERERS, render_image, supersample_for
 from .scores import (
     ATTRIBUTE_COLUMNS, ATTRIBUTE_SPREAD, ATTRIBUTE_VISIBILITY, CRAWL_HISTOGRAM, FLAT_ATTRIBUTES, MIN_WEIGHT,
     MODEL_CARD_HISTOGRAM, NUISANCE_STRENGTH, NUM_BRACKETS, RENDER_JITTER, SHADED_WEIGHTS, SKETCH_WEIGHTS, SPLITS,
-    UNLABELED_DISTRIBUTIONS, bracket_counts, quality,
+    UNLABELED_DISTRIBUTIONS, WEAK_SIGNAL, bracket_counts, quality,
 )
 
 __all__ = [
     "ATTRIBUTE_COLUMNS", "ATTRIBUTE_SPREAD", "ATTRIBUTE_VISIBILITY", "CRAWL_HISTOGRAM", "FLAT_ATTRIBUTES",
     "GENERATOR_VERSION", "HAIR_STYLES", "MIN_WEIGHT", "MODEL_CARD_HISTOGRAM", "NUISANCE_COLUMNS", "NUISANCE_STRENGTH",
     "NUM_BRACKETS", "RENDERERS", "RENDER_JITTER", "SHADED_WEIGHTS", "SKETCH_WEIGHTS", "SPLITS",
-    "UNLABELED_DISTRIBUTIONS", "bracket_counts", "bracket_of", "generate", "main", "make_preview", "quality",
-    "render_image", "supersample_for",
+    "UNLABELED_DISTRIBUTIONS", "WEAK_SIGNAL", "bracket_counts", "bracket_of", "generate", "main", "make_preview",
+    "quality", "render_image", "supersample_for",
 ]

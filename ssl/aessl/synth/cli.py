@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raters", type=int, default=0, help="simulate K raters: per-rater score columns in truth.parquet")
     p.add_argument("--unlabeled-dist", choices=UNLABELED_DISTRIBUTIONS, default="crawl",
                    help="bracket distribution of the unlabeled pool (default crawl: more photos/text/manga/flat)")
+    p.add_argument("--weak-signal", action="store_true",
+                   help="add a booru-favourite-like weak signal for every pool image: a truth.parquet column "
+                        "weak_signal and OUT/weak_signal.csv (path,score: 10 x its pool percentile), trainable as "
+                        "data.labeled; noisy, heavy-tailed, biased towards animal ears and memes")
     p.add_argument("--preview", action="store_true", help="write contact sheets to OUT/preview/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -35,7 +39,7 @@ def main(argv=None) -> int:
     try:
         generate(a.out, labeled=a.labeled, unlabeled=a.unlabeled, test=a.test, size=a.size, seed=a.seed,
                  workers=a.workers, label_noise=a.label_noise, raters=a.raters, unlabeled_dist=a.unlabeled_dist,
-                 preview=a.preview, progress=not a.no_progress)
+                 preview=a.preview, progress=not a.no_progress, weak_signal=a.weak_signal)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

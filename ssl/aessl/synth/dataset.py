@@ -3,7 +3,10 @@ that a half-written set is never mistaken for a whole one."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -20,15 +23,17 @@ from . import scores  # the difficulty knobs, recorded in synth.json
 from .preview import make_preview
 from .render import NUISANCE_COLUMNS, render_image
 from .scores import (
-    ATTRIBUTE_COLUMNS, NUM_BRACKETS, SPLITS, UNLABELED_DISTRIBUTIONS, noisy_labels, rater_params, rater_scores,
-    split_brackets,
+    ATTRIBUTE_COLUMNS, NUM_BRACKETS, SPLITS, UNLABELED_DISTRIBUTIONS, noisy_labels, percentile_scores, rater_params,
+    rater_scores, split_brackets, weak_signal_raw,
 )
 
 #: Bump when the images or the truth columns change: part of the cache key in synth.json.
 GENERATOR_VERSION = 1
 
 _ID_PREFIX = {"labeled": "l", "test": "t", "unlabeled": "u"}
-_OWNED = ("labeled", "test", "unlabeled", "preview", "truth.parquet", "truth.parquet.tmp", "synth.json.tmp")
+_OWNED = ("labeled", "test", "unlabeled", "preview", "truth.parquet", "truth.parquet.tmp", "synth.json.tmp",
+          "weak_signal.csv", "weak_signal.csv.tmp")
+WEAK_MANIFEST = "weak_signal.csv"
 _MARKER = ".synth-incomplete"
 _CHUNK = 32  # images per task handed to a worker
 
@@ -118,20 +123,22 @@ def _plan(out: Path, seed: int, sizes: dict, label_noise: float, unlabeled_dist:
     return tasks, labels
 
 
-def _columns(raters: int):
+def _columns(raters: int, weak: bool = False):
     cols = [("path", "str"), ("split", "str"), ("index", "int"), ("bracket", "int"), ("score", "float"),
             ("label", "int"), ("category", "str")]
     cols += [(k, "float") for k in ATTRIBUTE_COLUMNS]
     cols += list(NUISANCE_COLUMNS)
     if raters:
         cols += [("rater", "int")] + [(f"rater_{k}", "float") for k in range(raters)]
+    if weak:
+        cols += [("weak_signal", "float")]
     return cols
 
 
-def _write_truth(path: Path, rows: list[dict], raters: int) -> None:
+def _write_truth(path: Path, rows: list[dict], raters: int, weak: bool = False) -> None:
     types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
     arrays, fields = [], []
-    for name, typ in _columns(raters):
+    for name, typ in _columns(raters, weak):
         vals = [r.get(name) for r in rows]
         if typ == "float":
             vals = [None if v is None else float(v) for v in vals]
@@ -148,9 +155,12 @@ def _read_manifest(out: Path):
         return None
 
 
-def _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist) -> dict:
+def _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist,
+                  weak: bool = False) -> dict:
     """The arguments as recorded in synth.json (the cache key: keep its keys and order, or
-    every set already generated stops counting as up to date)."""
+    every set already generated stops counting as up to date). Optional features add a key
+    only when on (--weak-signal: "weak_signal", its parameters), so a set drawn without them
+    keeps its key."""
     for name, v in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test), ("raters", raters)):
         if int(v) != v or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
@@ -160,14 +170,42 @@ def _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unl
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise!r}")
     if unlabeled_dist not in UNLABELED_DISTRIBUTIONS:
         raise ValueError(f"unlabeled_dist must be one of {UNLABELED_DISTRIBUTIONS}, got {unlabeled_dist!r}")
-    return {"version": GENERATOR_VERSION, "labeled": int(labeled), "unlabeled": int(unlabeled), "test": int(test),
+    args = {"version": GENERATOR_VERSION, "labeled": int(labeled), "unlabeled": int(unlabeled), "test": int(test),
             "size": int(size), "seed": int(seed), "label_noise": float(label_noise), "raters": int(raters),
             "unlabeled_dist": unlabeled_dist,
             "knobs": {"attribute_visibility": scores.ATTRIBUTE_VISIBILITY, "render_jitter": scores.RENDER_JITTER,
                       "nuisance_strength": scores.NUISANCE_STRENGTH, "attribute_spread": scores.ATTRIBUTE_SPREAD}}
+    if weak:
+        args["weak_signal"] = dict(scores.WEAK_SIGNAL)
+    return args
 
 
-def _manifest(args: dict, rows: list[dict], params: list[dict]) -> dict:
+def _add_weak_signal(out: Path, seed: int, rows: list[dict]) -> dict:
+    """Set every row's "weak_signal" (raw; None off the pool), write weak_signal.csv (path,
+    score: 10 x the pool percentile of the raw signal, paths relative to the set folder, as
+    data.py reads a manifest) and return the summary recorded in synth.json."""
+    from scipy.stats import spearmanr
+
+    raw = weak_signal_raw(seed, rows)
+    pool = [r for r in rows if r["split"] == "unlabeled"]
+    for r in rows:
+        r["weak_signal"] = raw.get(r["index"]) if r["split"] == "unlabeled" else None
+    values = [r["weak_signal"] for r in pool]
+    pct = percentile_scores(values)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "score"])
+    for r, p in zip(pool, pct):
+        w.writerow([r["path"], f"{p:.6f}"])
+    write_text_atomic(out / WEAK_MANIFEST, buf.getvalue())
+    rho = float(spearmanr(values, [r["score"] for r in pool]).statistic) if len(pool) > 2 else float("nan")
+    return {"manifest": WEAK_MANIFEST, "truth_column": "weak_signal", "params": dict(scores.WEAK_SIGNAL),
+            "formula": scores.WEAK_SIGNAL_FORMULA,
+            "manifest_score": "10 * (rank - 0.5) / n over the pool, ties averaged",
+            "spearman_vs_score": None if math.isnan(rho) else round(rho, 4)}
+
+
+def _manifest(args: dict, rows: list[dict], params: list[dict], weak: dict | None = None) -> dict:
     counts = {}
     for split in SPLITS:
         c = [0] * NUM_BRACKETS
@@ -176,28 +214,36 @@ def _manifest(args: dict, rows: list[dict], params: list[dict]) -> dict:
                 c[r["bracket"]] += 1
         counts[split] = c
     noisy = sum(1 for r in rows if r["split"] == "labeled" and r["label"] != r["bracket"])
+    files = {"truth": "truth.parquet", "labeled": "labeled/<label>/", "test": "test/<bracket>/",
+             "unlabeled": "unlabeled/"}
+    extra = {}
+    if weak is not None:
+        files["weak_signal"] = WEAK_MANIFEST
+        extra["weak_signal"] = weak
     return {
         "args": args,
         "counts": {s: {"total": sum(c), "per_bracket": c} for s, c in counts.items()},
         "label_noise_moved": noisy,
         "bracket_rule": "bracket = clip(floor(score + 0.5), 0, 10)",
         "raters": params,
-        "files": {"truth": "truth.parquet", "labeled": "labeled/<label>/", "test": "test/<bracket>/",
-                  "unlabeled": "unlabeled/"},
+        "files": files,
+        **extra,
     }
 
 
 def generate(out_dir, labeled: int = 3080, unlabeled: int = 20000, test: int = 1000, size: int = 64, seed: int = 0,
              workers: int | None = None, label_noise: float = 0.0, raters: int = 0, unlabeled_dist: str = "crawl",
-             preview: bool = False, progress: bool = True) -> dict:
+             preview: bool = False, progress: bool = True, weak_signal: bool = False) -> dict:
     """Write the synthetic benchmark into out_dir and return the content of synth.json.
 
     If out_dir/synth.json already records the same arguments, nothing is regenerated (a
     preview is still drawn if asked for and missing). Output is byte-identical for a given
-    seed whatever `workers` is.
+    seed whatever `workers` is. `weak_signal` adds the pool's weak signal (a truth column
+    and weak_signal.csv; see the package docstring) and changes nothing else.
     """
     t0 = time.time()
-    args = _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist)
+    weak_on = bool(weak_signal)
+    args = _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist, weak_on)
     out = Path(out_dir)
     old = _read_manifest(out)
     if old is not None and old.get("args") == args:
@@ -219,8 +265,9 @@ def generate(out_dir, labeled: int = 3080, unlabeled: int = 20000, test: int = 1
         r["label"] = labels[(r["split"], r["index"])]
     params = rater_params(seed, raters)
     rater_scores(seed, rows, params)
-    _write_truth(out / "truth.parquet", rows, raters)
-    manifest = _manifest(args, rows, params)
+    weak = _add_weak_signal(out, seed, rows) if weak_on else None
+    _write_truth(out / "truth.parquet", rows, raters, weak_on)
+    manifest = _manifest(args, rows, params, weak)
     if preview:
         make_preview(out, rows)
     elapsed = time.time() - t0

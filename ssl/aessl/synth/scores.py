@@ -1,4 +1,5 @@
-"""The hidden score model: brackets per split, scores, attributes, raters, difficulty knobs.
+"""The hidden score model: brackets per split, scores, attributes, raters, the weak signal,
+difficulty knobs.
 
 Everything here is numbers; nothing is drawn. See the package docstring for the score
 function and what each knob does.
@@ -43,6 +44,25 @@ ATTRIBUTE_COLUMNS = (
 #: Part of every random stream's key: default_rng([seed, SPLIT_CODE[split], ...]).
 SPLIT_CODE = {"labeled": 1, "test": 2, "unlabeled": 3}
 _STREAM_SHUFFLE, _STREAM_NOISE, _STREAM_RATERS = 101, 102, 103
+#: The weak signal's stream, per pool image: default_rng([seed, SPLIT_CODE["unlabeled"], index,
+#: _STREAM_WEAK]) (the image's own key with its own last word: turning --weak-signal on
+#: changes no image and no other column, and an image's raw signal does not depend on the
+#: pool size).
+_STREAM_WEAK = 104
+
+#: The weak signal (--weak-signal): a booru-favourite-count stand-in for every pool image,
+#: see the package docstring for the formula. Recorded in synth.json's args when on, so a
+#: set drawn with other values is redrawn.
+WEAK_SIGNAL = {
+    "base": 20.0,         # median favourites of a score-5 image with no boost and no luck
+    "slope": 0.45,        # log-favourites per score point: x1.57 per point, monotone in expectation
+    "sigma": 0.8,         # sd of the log-normal popularity noise
+    "tail_shape": 1.5,    # Pareto (x_m = 1) virality factor: heavy tail, infinite variance
+    "ears_boost": 0.5,    # log boost for animal ears (kemonomimi): x1.65, about 1.1 score points
+    "meme_boost": 2.5,    # log boost for text memes (variant text_meme): x12, about 5.6 score points
+}
+WEAK_SIGNAL_FORMULA = ("raw = base * exp(slope * (score - 5) + ears_boost * ears + meme_boost * meme + sigma * z) "
+                       "* (1 - u) ** (-1 / tail_shape), z ~ N(0, 1), u ~ U[0, 1)")
 
 
 # --------------------------------------------------------------------------------------
@@ -231,3 +251,37 @@ def rater_scores(seed: int, rows: list[dict], params: list[dict]) -> None:
     who = rng.integers(0, len(params), n)
     for r, w in zip(rows, who):
         r["rater"] = int(w) if r["split"] != "unlabeled" else None
+
+
+# --------------------------------------------------------------------------------------
+# The weak signal (--weak-signal)
+
+
+def weak_signal_raw(seed: int, rows: list[dict], params: dict = WEAK_SIGNAL) -> dict[int, float]:
+    """Raw weak signal (a positive favourite-count-like number) of every pool image in
+    `rows`, by pool index. Reads score, ears and variant; draws from the image's own
+    _STREAM_WEAK generator (two numbers: the log-normal noise, then the Pareto factor)."""
+    out = {}
+    for r in rows:
+        if r["split"] != "unlabeled":
+            continue
+        rng = np.random.default_rng([int(seed), SPLIT_CODE["unlabeled"], int(r["index"]), _STREAM_WEAK])
+        z = rng.standard_normal()
+        u = rng.random()
+        log_mean = (params["slope"] * (float(r["score"]) - 5.0)
+                    + params["ears_boost"] * (r.get("ears") in (True,))  # None (no figure) or NaN: no
+                    + params["meme_boost"] * (r.get("variant") == "text_meme"))
+        virality = (1.0 - u) ** (-1.0 / params["tail_shape"])  # Pareto, x_m = 1
+        out[int(r["index"])] = float(params["base"] * math.exp(log_mean + params["sigma"] * z) * virality)
+    return out
+
+
+def percentile_scores(raw) -> np.ndarray:
+    """10 x the mid-rank percentile of each value within `raw`: 10 * (rank - 0.5) / n, ties
+    sharing their average rank. In (0, 10); uniform over the pool whatever raw's scale."""
+    from scipy.stats import rankdata
+
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.size == 0:
+        return raw
+    return 10.0 * (rankdata(raw, method="average") - 0.5) / raw.size
