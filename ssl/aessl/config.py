@@ -95,7 +95,9 @@ class ModelConfig:
     # features once (embed.*) and train only a head on them (fast iteration).
     mode: str = _one_of("image", "embedding", default="image")
     # what the last layer's outputs mean (aessl/targets.py, TARGETS): classification = 11
-    # bracket logits (every algorithm); regression = one score 0-10 (algorithm.name=supervised)
+    # bracket logits (every algorithm); regression = one score 0-10, ordinal = 10 CORN
+    # conditional logits (both algorithm.name=supervised; not to be confused with the
+    # algorithm.name=ordinal SSL algorithm, which trains classification logits)
     target: str = "classification"
     head: str = _one_of("linear", "mlp", "residual_mlp", default="residual_mlp")  # embedding mode (the model card's)
     head_hidden: int = _num(1024, ge=1)
@@ -301,8 +303,10 @@ def check_values(cfg) -> None:
 
 
 def check_target(cfg) -> None:
-    """A target other than classification trains its own supervised loss (aessl/targets.py):
-    the SSL algorithms and soft labels are written for 11 class probabilities."""
+    """A target other than classification trains its own supervised loss (aessl/targets.py),
+    alone (supervised) or inside our ordinal algorithm, which reads the head through the
+    target's probabilities; USB's algorithms (and RankMatch, FixMatch's loss) compute
+    cross-entropy on 11 class logits, and soft labels are 11 class probabilities."""
     from .targets import TARGETS  # (torch: imported only here, once a config is read)
 
     target = OmegaConf.select(cfg, "model.target")
@@ -310,10 +314,11 @@ def check_target(cfg) -> None:
         raise ConfigError(f"model.target={target!r} is not one of {', '.join(TARGETS)}")
     if target == "classification":
         return
-    if OmegaConf.select(cfg, "algorithm.name") != "supervised":
-        raise ConfigError(f"model.target={target} trains with algorithm.name=supervised only (got "
-                          f"{OmegaConf.select(cfg, 'algorithm.name')!r}): the semi-supervised algorithms' "
-                          "losses compare 11 bracket probabilities")
+    algorithm = OmegaConf.select(cfg, "algorithm.name")
+    if algorithm not in ("supervised", "ordinal"):
+        raise ConfigError(f"model.target={target} trains with algorithm.name=supervised or ordinal only, not "
+                          f"algorithm.name={algorithm}: {algorithm}'s losses are cross-entropy on 11 class logits "
+                          "(use model.target=classification for it)")
     if OmegaConf.select(cfg, "data.pseudo_labels"):
         raise ConfigError(f"model.target={target} cannot train on data.pseudo_labels (soft targets are 11 bracket "
                           "probabilities); leave data.pseudo_labels=null")

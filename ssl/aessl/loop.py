@@ -293,14 +293,16 @@ def build_training(run: Run, data: Data, model: torch.nn.Module) -> Training:
     ema = timm.utils.ModelEmaV3(run.accelerator.unwrap_model(model), decay=tcfg.ema_decay, use_warmup=True)
     index_size = int(data.pool_size or cfg.data.stream_index_size)
     target = get_target(cfg.model.target)
-    if target.name != "classification":  # the target's own supervised loss (aessl/targets.py)
-        algo = SupervisedTarget(model, target)
+    if target.name != "classification" and cfg.algorithm.name == "supervised":
+        algo = SupervisedTarget(model, target)  # the target's own supervised loss (aessl/targets.py)
     else:
         algo = algos.build_algorithm(
             cfg.algorithm.name, model, user_args=dict(cfg.algorithm.args), num_train_iter=steps,
             lambda_u=cfg.algorithm.lambda_u, ulb_dest_len=index_size, lb_dest_len=len(data.train_set),
             lb_prior=(lb_hist + 1) / (lb_hist + 1).sum(), rank=run.rank, world_size=run.world,
         )
+        if target.name != "classification":  # our ordinal algorithm (config.check_target allows no other)
+            algo.target = target
     uses_pool = bool({"x_ulb_w", "x_ulb_s"} & set(algos.step_inputs(algo, {"x_ulb_w": 0, "x_ulb_s": 0})))
     if uses_pool and data.pool is None:
         raise RunRefused(f"algorithm {cfg.algorithm.name!r} needs an unlabeled pool: set data.unlabeled=")

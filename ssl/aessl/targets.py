@@ -21,6 +21,14 @@ regression      one number; score = 10 * sigmoid(output), bounded to 0-10; smoot
                 score itself: 6.3 -> 0.7 on bracket 6 and 0.3 on bracket 7. Trained with
                 algorithm.name=supervised (the SSL algorithms' consistency losses are
                 written for class probabilities).
+ordinal         10 conditional logits, CORN (Shi, Cao and Raschka, coral-pytorch):
+                sigmoid(logit k) = P(bracket > k | bracket > k - 1), so P(bracket > k) is
+                their running product, rank-consistent by construction; the bracket
+                probabilities are the differences of those cumulative ones. corn_loss
+                against the integer bracket (a fractional score trains as its bracket:
+                6.7 as 7, metrics.bracket_of's rounding).
+                algorithm.name=supervised, as regression (not algorithm.name=ordinal,
+                OrdinalMatch, which is an SSL algorithm on classification logits).
 """
 
 from __future__ import annotations
@@ -58,6 +66,32 @@ class Regression:
         return F.smooth_l1_loss(self.score(outputs) / self.MAX_SCORE, score.float() / self.MAX_SCORE, beta=0.1)
 
 
+class Ordinal:
+    """CORN: output k (0-9) is the logit of P(bracket > k | bracket > k - 1)."""
+
+    name = "ordinal"
+    outputs = NUM_BRACKETS - 1
+
+    def probs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """P(bracket = k) = P(> k - 1) - P(> k), where P(> k) = prod_{j<=k} sigmoid(logit j)
+        (P(> -1) = 1, P(> 10) = 0). Computed as P(> k - 1) * sigmoid(-logit k), the same
+        number without the cancellation of a difference of two near-equal ones: each entry
+        is a product of numbers in [0, 1] (so never negative) and the row telescopes to 1."""
+        logits = outputs.float()
+        above = torch.cumprod(torch.sigmoid(logits), dim=1)  # [B, 10]: P(bracket > k)
+        reach = torch.cat([torch.ones_like(above[:, :1]), above[:, :-1]], dim=1)  # P(bracket > k - 1)
+        return torch.cat([reach * torch.sigmoid(-logits), above[:, -1:]], dim=1)
+
+    def loss(self, outputs: torch.Tensor, score: torch.Tensor, bracket: torch.Tensor) -> torch.Tensor:
+        """coral_pytorch's corn_loss against the integer bracket: CORN's binary tasks are
+        'bracket > k', so a fractional score trains as its bracket (6.7 as 7: the rounding of
+        metrics.bracket_of, done by the data); the loop passes both and this reads only
+        `bracket`."""
+        from coral_pytorch.losses import corn_loss  # (only training needs it; probs do not)
+
+        return corn_loss(outputs.float(), bracket.long(), num_classes=NUM_BRACKETS)
+
+
 def two_hot(score: torch.Tensor) -> torch.Tensor:
     """[B] scores in 0-10 -> [B, 11]: mass 1 - f on floor(score) and f on floor + 1, where f
     is the fractional part; the expectation is the score."""
@@ -71,7 +105,7 @@ def two_hot(score: torch.Tensor) -> torch.Tensor:
     return out
 
 
-TARGETS = {t.name: t for t in (Classification(), Regression())}
+TARGETS = {t.name: t for t in (Classification(), Regression(), Ordinal())}
 
 
 def get_target(name: str | None):

@@ -141,20 +141,37 @@ class OrdinalMatch(AlgorithmBase):
             self.offset = (self.offset + step).clamp(-0.5, 0.5)
         return mask, conf, centre
 
+    # ------------------------------------------------------------------ the head's outputs
+    # `target` (aessl/targets.py) is set by the loop for a non-classification head (model.target
+    # = ordinal or regression): its loss and its bracket probabilities replace the softmax's;
+    # everything above works on bracket probabilities and is unchanged.
+    target = None
+
+    def sup_loss(self, logits, y_lb, y_score):
+        if self.target is None:
+            return F.cross_entropy(logits, y_lb)
+        return self.target.loss(logits, y_lb.float() if y_score is None else y_score, y_lb)
+
+    def probs(self, logits):
+        return logits.float().softmax(-1) if self.target is None else self.target.probs(logits)
+
+    def log_probs(self, logits):
+        return logits.float().log_softmax(-1) if self.target is None else self.target.probs(logits).clamp_min(1e-12).log()
+
     # ------------------------------------------------------------------ the step
     def train_step(self, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score=None):
         with self.amp_cm():
             logits_lb, logits_w, logits_s = three_views(self.model, x_lb, x_ulb_w, x_ulb_s)
-            sup_loss = F.cross_entropy(logits_lb, y_lb)
+            sup_loss = self.sup_loss(logits_lb, y_lb, y_score)
             score_loss = torch.zeros((), device=logits_lb.device)
             if self.score_loss_weight > 0:
                 target = (y_score if y_score is not None else y_lb).float()
-                score_loss = (expected(logits_lb.float().softmax(-1)) - target).abs().mean() / (NUM_BRACKETS - 1)
+                score_loss = (expected(self.probs(logits_lb)) - target).abs().mean() / (NUM_BRACKETS - 1)
 
-            probs_w = self.align(logits_w.detach().float().softmax(-1))
+            probs_w = self.align(self.probs(logits_w.detach()))
             mask, conf, centre = self.select(probs_w)
             targets = soft_targets(probs_w, self.T, self.smooth_sigma if self.use_smoothing else None)
-            log_s = logits_s.float().log_softmax(-1)
+            log_s = self.log_probs(logits_s)
             unsup_loss = (-(targets * log_s).sum(-1) * mask).mean()
             if self.score_loss_weight > 0:
                 unsup_score = (expected(log_s.exp()) - expected(targets)).abs() / (NUM_BRACKETS - 1)
