@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     except (sw.SweepError, FolderLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept in {out}; run the same command again to go on", file=sys.stderr)
+        return 130
 
 
 def dry_run(spec, out: Path) -> int:

@@ -157,6 +157,17 @@ def test_a_grid_trains_each_run_once_and_a_failed_run_again_at_the_next_start(tm
     assert sum(fake.calls.values()) == 8
 
 
+def test_an_edited_grid_is_a_new_study_in_the_same_folder(tmp_path, toy_data, monkeypatch):
+    monkeypatch.setattr(sw, "train_run", FakeTrainer())
+    out = tmp_path / "out"
+    first = sw.load_sweep(tiny_sweep(tmp_path, toy_data, axes={"train.lr": [0.001, 0.003]}))
+    sw.run_sweep(first, out, progress=False)
+    edited = sw.load_sweep(tiny_sweep(tmp_path, toy_data, axes={"train.lr": [0.001, 0.003, 0.01]}))
+    assert sw.study_name(edited) != sw.study_name(first)  # Optuna cannot widen a parameter's choices
+    study, errors = sw.run_sweep(edited, out, progress=False)
+    assert errors == [] and sorted(sw.results_table(study, edited)["train.lr"]) == [0.001, 0.003, 0.01]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # (study.ask: how the test fakes a killed trial)
 def test_a_trial_left_running_by_a_dead_sweep_is_retried(tmp_path, toy_data, monkeypatch):
     from optuna.trial import TrialState

@@ -29,7 +29,7 @@ Strings in `overrides`, axis values and `before` may use `{out}` (the sweep's fo
 `{data}` (the generated or given data folder), `{data.NAME}` (a data.more set) and
 `{before.NAME}` (a before-run's folder).
 
-How it runs. One Optuna study per sweep, in an RDB storage: by default the SQLite file
+How it runs. One Optuna study per sweep (per version of its grid: `study_name`), in an RDB storage: by default the SQLite file
 OUT/study.db, or a database URL (--storage) that several machines share, each running the
 same command with its own --out. A grid is Optuna's GridSampler over (cell, seed); a search
 is its TPESampler, one trial per sampled point, training every seed. Each run is a folder
@@ -368,8 +368,18 @@ def open_study(sweep: Sweep, storage_url: str):
         sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, max(2, sweep.search["trials"] // 3)))
     else:
         sampler = optuna.samplers.GridSampler({"cell": [c.tag for c in cells(sweep)], "seed": list(sweep.seeds)}, seed=0)
-    return optuna.create_study(study_name=sweep.name, storage=storage, sampler=sampler, direction=sweep.direction,
-                               load_if_exists=True)
+    return optuna.create_study(study_name=study_name(sweep), storage=storage, sampler=sampler,
+                               direction=sweep.direction, load_if_exists=True)
+
+
+def study_name(sweep: Sweep) -> str:
+    """The sweep's name plus a digest of its grid (cells and seeds) or search space: Optuna
+    cannot change a parameter's choices inside one study, so an edited grid is a new study.
+    Its runs that already finished are found in their folders and not trained again."""
+    what = ({"space": sweep.search["space"], "trials": sweep.search["trials"]} if sweep.is_search
+            else {"cells": [c.tag for c in cells(sweep)]})
+    what["seeds"] = list(sweep.seeds)
+    return f"{sweep.name}-{hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
 def _pid_alive(pid: int) -> bool:
