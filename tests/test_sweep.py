@@ -83,6 +83,16 @@ def test_cells_cross_or_zip_the_axes_with_stable_folder_names():
     assert sw.as_override("x", True) == "x=true" and sw.as_override("x", None) == "x=null"
 
 
+def test_a_run_record_names_its_config_by_place_in_the_checkout_and_content(tmp_path):
+    demo = sw.config_id(ROOT / "configs" / "demo.yaml")
+    assert demo.startswith("configs/demo.yaml sha256:")  # a copy of the checkout elsewhere reuses its runs
+    mine = tmp_path / "my.yaml"
+    mine.write_text("seed: 1\n")
+    first = sw.config_id(mine)
+    mine.write_text("seed: 2\n")
+    assert sw.config_id(mine) != first and first.startswith(str(mine))  # an edited config is another config
+
+
 # ------------------------------------------------------------------ statistics
 
 

@@ -297,7 +297,7 @@ def train_run(run: Path, base: Path, overrides: list[str], launcher: list[str] =
     """Train `run` through ssl/train.py unless it already holds a finished model; return the
     last metrics line. A run started with other overrides is refused rather than reused; a
     killed one resumes. The finished run's checkpoints/ are removed unless keep_checkpoints."""
-    settings = {"config": str(base), "overrides": list(overrides), **(record_extra or {})}
+    settings = {"config": config_id(base), "overrides": list(overrides), **(record_extra or {})}
     record = run / record_name
     if record.exists() and json.loads(record.read_text()) != settings:
         raise SweepError(f"{run} was trained with other settings than this sweep now gives it (see {record}); "
@@ -319,6 +319,18 @@ def train_run(run: Path, base: Path, overrides: list[str], launcher: list[str] =
         if not keep_checkpoints:
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return run_summary(run)
+
+
+def config_id(base: Path) -> str:
+    """How a run's record names its base config: the path inside the checkout (so a copy of
+    the checkout elsewhere reuses the same runs) and a digest of its content (so an edited
+    config is not mistaken for the one a finished run used)."""
+    base = Path(base).resolve()
+    try:
+        name = str(base.relative_to(ROOT))
+    except ValueError:
+        name = str(base)
+    return f"{name} sha256:{hashlib.sha256(base.read_bytes()).hexdigest()[:16]}"
 
 
 class RunFailed(RuntimeError):
@@ -554,9 +566,10 @@ def run_sweep(sweep: Sweep, out: Path, storage_url: str | None = None, keep_chec
     bar = tqdm(total=len(todo) * per_trial, desc=f"sweep {sweep.name}", unit="run", disable=not progress, dynamic_ncols=True)
     runner.progress = bar
     try:
-        for _ in range(3):  # GridSampler stops a pass once every cell has been tried; retries need another
-            if not todo or runner.errors:
-                break
+        # GridSampler stops a pass as soon as every cell has been tried once, failed ones
+        # included, so retries queued by recover() may need one pass each: go on while passes
+        # make progress
+        while todo and not runner.errors:
             before = len(todo)
             study.optimize(runner, n_trials=len(todo), catch=(RunFailed, SweepError))
             if runner.errors:
