@@ -602,7 +602,11 @@ def results_table(study, sweep: Sweep):
     frame = pd.DataFrame(list(rows.values()))
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    return frame[[c for c in columns if c in frame.columns]].sort_values(["cell", "seed"]).reset_index(drop=True)
+    # the sweep file's order (a grid's cells as written, a search's trials as run), then seed
+    order = {c.tag: i for i, c in enumerate(cells(sweep))} if grid is not None else {}
+    frame["_order"] = [order.get(c, t) for c, t in zip(frame["cell"], frame["trial"])]
+    frame = frame.sort_values(["_order", "seed"]).reset_index(drop=True)
+    return frame[[c for c in columns if c in frame.columns]]
 
 
 def _cell_value(v):
