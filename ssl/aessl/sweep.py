@@ -602,6 +602,10 @@ def results_table(study, sweep: Sweep):
     frame = pd.DataFrame(list(rows.values()))
     if frame.empty:
         return pd.DataFrame(columns=columns)
+    for col in (sweep.axes or sweep.search["space"]):  # parquet columns hold one type: mixed ones as override text
+        kinds = {type(v) for v in frame[col] if v is not None} if col in frame.columns else set()
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            frame[col] = [as_override(col, v).split("=", 1)[1] for v in frame[col]]
     # the sweep file's order (a grid's cells as written, a search's trials as run), then seed
     order = {c.tag: i for i, c in enumerate(cells(sweep))} if grid is not None else {}
     frame["_order"] = [order.get(c, t) for c, t in zip(frame["cell"], frame["trial"])]
