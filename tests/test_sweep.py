@@ -267,6 +267,9 @@ def test_a_killed_sweep_run_again_finishes_only_the_missing_runs(tmp_path, toy_d
     html = (out / "report.html").read_text()
     assert html.count("<tr class='cell'>") == 3 and "95% CI" in html
     assert "<img alt='QWK vs train.lr' src='data:image/png;base64," in html  # numeric axis: a plot, inlined
+    summary = (out / "summary.md").read_text()
+    assert all(f"\n| {lr} | 1 | " in summary for lr in ("0.001", "0.003", "0.01"))  # a cell row each (1 seed)
+    assert "\n| 0.001 | 0.003 | 1 |" in summary  # a pair of cells, paired on seed 0
     # the report alone, from the study
     rep = subprocess.run([*SWEEP, str(path), "--out", str(out), "--report-only"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

@@ -193,12 +193,27 @@ def report_data(frame: pd.DataFrame, axes: list[str], metric: str, failed: list[
             "seeds": sorted(frame["seed"].unique().tolist()) if len(frame) else [], "failed": failed or []}
 
 
+def markdown(data: dict, name: str) -> str:
+    """The report's tables as Markdown (OUT/summary.md: for docs and pull requests)."""
+    lines = [f"### Sweep `{name}`: {data['runs']} runs, seeds {', '.join(map(str, data['seeds']))}", "",
+             "Mean ± 95% CI over seeds:", "",
+             "| " + " | ".join([*data["axes"], "seeds", *data["metrics"]]) + " |",
+             "|" + "---|" * (len(data["axes"]) + 1 + len(data["metrics"]))]
+    lines += ["| " + " | ".join([*r["values"], str(r["seeds"]), *r["metrics"]]) + " |" for r in data["cells"]]
+    for ax in data["per_axis"]:
+        lines += ["", f"Paired differences in {data['metric']} along `{ax['axis']}` (b − a; same seed and other axes):", "",
+                  "| a | b | pairs | mean b − a | 95% bootstrap CI | Wilcoxon p | wins b–a |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['a']} | {p['b']} | {p['n']} | {p['diff']} | {p['ci']} | {p['p']} | {p['wins']} |" for p in ax["pairs"]]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(frame: pd.DataFrame, out: Path, name: str, axes: list[str], metric: str, description: str,
                  failed: list[str] | None = None, missing: int = 0) -> Path:
-    """OUT/report.html, self-contained (figures inlined)."""
+    """OUT/report.html, self-contained (figures inlined), and OUT/summary.md (its tables)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("aessl", "templates"), autoescape=True)
-    html = env.get_template("sweep.html.j2").render(name=name, description=description, missing=missing,
-                                                    **report_data(frame, axes, metric, failed))
+    data = report_data(frame, axes, metric, failed)
+    html = env.get_template("sweep.html.j2").render(name=name, description=description, missing=missing, **data)
     path = out / "report.html"
     write_bytes_atomic(path, html.encode())
+    write_bytes_atomic(out / "summary.md", markdown(data, name).encode())
     return path
