@@ -94,7 +94,8 @@ def write_outputs(spec, out: Path, study, errors: list[str]) -> int:
     left = len(sw.missing(study, spec)) * (len(spec.seeds) if spec.is_search else 1)
     axes = list(spec.axes or spec.search["space"])
     description = f"{spec.path} · base {spec.base.name} · " + " ".join(spec.overrides)
-    report = write_report(frame, out, spec.name, axes, spec.metric, description, errors, left)
+    report = write_report(frame, out, spec.name, axes, spec.metric, description, errors, left,
+                          zipped=spec.combine == "zip")
     shown = [c for c in ("cell", "seed", spec.metric, "mae", "false_positive_rate", "wall_s") if c in frame.columns]
     print(frame[shown].to_string(index=False) if len(frame) else "(no finished runs)")
     print(f"wrote {out / 'results.parquet'} ({len(frame)} runs) and {report}")

@@ -122,6 +122,19 @@ def test_confidence_intervals_and_paired_tests_on_known_numbers():
     assert (mae.iloc[0]["b_better"], mae.iloc[0]["a_better"]) == (0, 6)
 
 
+def test_zipped_axes_are_compared_as_one_paired_on_the_seed():
+    from aessl.sweep_report import report_data
+
+    rows = [{"cell": f"{n}", "model.name": n, "model.kwargs": k, "seed": s, "qwk": q + 0.01 * s, "mae": 1 - q,
+             "spearman": q, "false_positive_rate": 0.1, "top_k_precision": 0.5, "wall_s": 1.0, "params": 5}
+            for n, k, q in (("cnn", "{}", 0.6), ("vit", '{"img_size": 64}', 0.5)) for s in range(3)]
+    data = report_data(pd.DataFrame(rows), ["model.name", "model.kwargs"], "qwk", zipped=True)
+    [axis] = data["per_axis"]
+    assert axis["axis"] == "model.name + model.kwargs"
+    [pair] = axis["pairs"]
+    assert (pair["a"], pair["b"], pair["n"], pair["diff"], pair["wins"]) == ("cnn, {}", 'vit, {"img_size": 64}', 3, "-0.100", "0–3")
+
+
 # ------------------------------------------------------------------ scheduling (train.py replaced)
 
 

@@ -163,21 +163,28 @@ def fmt_p(p: float) -> str:
     return "–" if p != p else f"{p:.3f}"
 
 
-def report_data(frame: pd.DataFrame, axes: list[str], metric: str, failed: list[str] | None = None) -> dict:
-    """Everything the page shows, as tables of strings and figures."""
+def report_data(frame: pd.DataFrame, axes: list[str], metric: str, failed: list[str] | None = None,
+                zipped: bool = False) -> dict:
+    """Everything the page shows, as tables of strings and figures. Zipped axes move
+    together, so they are compared as one axis (their values joined), paired on the seed."""
     axes = axes_of(frame, axes)
     metrics = [metric] + [m for m in SHOWN if m != metric]
     cells = cell_table(frame, axes, metrics) if len(frame) else pd.DataFrame()
+    compared = axes
+    if zipped and len(axes) > 1 and len(frame):
+        joint = " + ".join(axes)
+        frame = frame.assign(**{joint: [", ".join(str(v) for v in row) for row in frame[axes].itertuples(index=False)]})
+        compared = [joint]
     cell_rows = [{"values": [str(r[a]) for a in axes], "seeds": r["seeds"],
                   "metrics": [fmt(r[m], r[f"{m}_ci"]) for m in metrics],
                   "wall": f"{r['wall_s']:.0f}" if r["wall_s"] == r["wall_s"] else "–", "params": f"{r['params']:,}"}
                  for r in cells.to_dict("records")]
     per_axis = []
-    for axis in axes:
+    for axis in compared:
         if frame[axis].nunique() < 2:
             continue
         t = axis_table(frame, axis, metrics)
-        pairs = paired_table(frame, axis, axes, metric)
+        pairs = paired_table(frame, axis, compared, metric)
         per_axis.append({
             "axis": axis,
             "rows": [{"value": str(r[axis]), "seeds": r["seeds"], "cells": r["cells"],
@@ -208,10 +215,10 @@ def markdown(data: dict, name: str) -> str:
 
 
 def write_report(frame: pd.DataFrame, out: Path, name: str, axes: list[str], metric: str, description: str,
-                 failed: list[str] | None = None, missing: int = 0) -> Path:
+                 failed: list[str] | None = None, missing: int = 0, zipped: bool = False) -> Path:
     """OUT/report.html, self-contained (figures inlined), and OUT/summary.md (its tables)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("aessl", "templates"), autoescape=True)
-    data = report_data(frame, axes, metric, failed)
+    data = report_data(frame, axes, metric, failed, zipped)
     html = env.get_template("sweep.html.j2").render(name=name, description=description, missing=missing, **data)
     path = out / "report.html"
     write_bytes_atomic(path, html.encode())
