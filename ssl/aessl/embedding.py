@@ -58,7 +58,7 @@ from . import faults
 from .data import SOURCE_CHUNK, RangeBatches, TableSources, seed_everything_for, worker_init
 from .heads import EmbeddingError
 from .images import UnreadableImage, describe, load_image
-from .locks import FolderLock, FolderLocked
+from .locks import FolderLock, FolderLocked, pid_alive
 from .metrics import bracket_of
 from .models import create_backbone, data_config
 from .sources import REPO_ROOT
@@ -358,18 +358,8 @@ def clean_stale_temps(root: Path) -> None:
             same_host, pid = parts[1] == host.replace("-", "_"), int(parts[2])
         except (IndexError, ValueError):
             continue
-        if same_host and not _pid_alive(pid):
+        if same_host and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_shard(root: Path, keys: list[str], feats: np.ndarray, skipped: dict[str, str]) -> Path:

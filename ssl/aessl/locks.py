@@ -91,3 +91,14 @@ def _read_holder(fd: int) -> str:
         return f"pid {info.get('pid')} on {info.get('host')}: {info.get('command', '?')}"
     except (OSError, ValueError):
         return "holder unknown"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a stale marker's owner died: it does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -394,16 +394,6 @@ def study_name(sweep: Sweep) -> str:
     return f"{sweep.name}-{hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(study, sweep: Sweep) -> int:
     """Trials of this sweep that will not finish on their own, put back in the queue through
     Optuna's retry callback: RUNNING ones whose worker was this host and is dead (a killed
@@ -412,6 +402,8 @@ def recover(study, sweep: Sweep) -> int:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
+    from .locks import pid_alive
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback()
@@ -419,7 +411,7 @@ def recover(study, sweep: Sweep) -> int:
     host, n = socket.gethostname(), 0
     for t in trials:
         w = t.user_attrs.get("worker", {})
-        if t.state == TrialState.RUNNING and w.get("host") == host and not _pid_alive(int(w.get("pid", -1))):
+        if t.state == TrialState.RUNNING and w.get("host") == host and not pid_alive(int(w.get("pid", -1))):
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 retry(study, study._storage.get_trial(t._trial_id))
                 n += 1
