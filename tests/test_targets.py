@@ -103,11 +103,11 @@ def test_regression_and_ordinal_targets_refuse_what_they_cannot_train(toy_data, 
 # CORN's loss is a mean over each image's binary tasks ('bracket > k', about five of them),
 # so each logit moves slower than regression's one output: at 0.003 its 40 image-mode steps
 # reach a QWK of 0.68, at 0.01 0.96
-LR = {"regression": 0.003, "ordinal": 0.01}
+LR = {"classification": 0.003, "regression": 0.003, "ordinal": 0.01}
 
 
 @pytest.mark.parametrize("mode", ["image", "embedding"])
-@pytest.mark.parametrize("target", ["regression", "ordinal"])
+@pytest.mark.parametrize("target", ["classification", "regression", "ordinal"])
 def test_a_target_trains_resumes_and_export_and_report_read_it_unchanged(target, mode, toy_data, tmp_path):
     run = tmp_path / "run"
     extra = [f"model.target={target}", "algorithm.name=supervised", *data_args(toy_data), "train.steps=40",
@@ -131,7 +131,7 @@ def test_a_target_trains_resumes_and_export_and_report_read_it_unchanged(target,
     # the loaded model gives the target's outputs, which export turns into probabilities
     model, info = load_model_folder(run)
     outputs = get_target(info["target"]).outputs
-    assert outputs == {"regression": 1, "ordinal": 10}[target]
+    assert outputs == {"classification": 11, "regression": 1, "ordinal": 10}[target]
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32))["logits"].shape == (2, outputs)
     out = tmp_path / "export"
