@@ -245,6 +245,11 @@ def test_a_search_runs_its_trials_over_every_seed(tmp_path, toy_data, monkeypatc
     assert len(table) == 8 and set(table["seed"]) == {0, 1}
     assert all(0.001 <= lr <= 0.1 for lr in table["train.lr"])
     assert study.best_value == pytest.approx(max(0.5 + lr + 0.005 for lr in table["train.lr"]))
+    more = sw.load_sweep(tiny_sweep(tmp_path, toy_data, axes={}, seeds=[0, 1], search={
+        "trials": 6, "space": {"train.lr": {"low": 0.001, "high": 0.1, "log": True}}}))
+    assert sw.study_name(more) == sw.study_name(spec)  # more trials: the same search goes on
+    study, errors = sw.run_sweep(more, out, progress=False)
+    assert errors == [] and len(study.trials) == 6 and sum(fake.calls.values()) == 12
 
 
 # ------------------------------------------------------------------ for real: killed, run again

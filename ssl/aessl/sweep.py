@@ -388,8 +388,8 @@ def study_name(sweep: Sweep) -> str:
     """The sweep's name plus a digest of its grid (cells and seeds) or search space: Optuna
     cannot change a parameter's choices inside one study, so an edited grid is a new study.
     Its runs that already finished are found in their folders and not trained again."""
-    what = ({"space": sweep.search["space"], "trials": sweep.search["trials"]} if sweep.is_search
-            else {"cells": [c.tag for c in cells(sweep)]})
+    # (a search's trial count is not part of it: asking for more trials goes on with the same study)
+    what = {"space": sweep.search["space"]} if sweep.is_search else {"cells": [c.tag for c in cells(sweep)]}
     what["seeds"] = list(sweep.seeds)
     return f"{sweep.name}-{hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
@@ -524,15 +524,14 @@ def check_cells(sweep: Sweep, runner: Runner) -> None:
             raise SweepError(f"{sweep.path}: cell {c.values or '(base)'}: {exc}") from None
 
 
-def train_before(sweep: Sweep, out: Path, shared: list[str], where: dict, keep_checkpoints: bool) -> dict:
-    """The `before:` runs (trained once; their folders become {before.NAME})."""
+def train_before(sweep: Sweep, out: Path, shared: list[str], where: dict, keep_checkpoints: bool) -> None:
+    """The `before:` runs (trained once; `where` gains their folders as {before.NAME})."""
     for name, overrides in sweep.before.items():
         run = out / "before" / name
         where[f"before.{name}"] = run
         resolved = [*shared, *(substitute(o, where) for o in [*sweep.overrides, *overrides])]
         print(f"before: {name} ({run})", flush=True)
         train_run(run, sweep.base, resolved, sweep.launcher, keep_checkpoints)
-    return where
 
 
 # --------------------------------------------------------------------------------------
