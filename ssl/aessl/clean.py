@@ -48,7 +48,6 @@ LabeledSetError / DataSourceError) naming the file or option.
 
 from __future__ import annotations
 
-import base64
 import csv
 import hashlib
 import io
@@ -650,7 +649,7 @@ def _section_image(rows: list[dict], kind: str) -> str | None:
     img = grids.sheet(tiles, 8, THUMB + 6, (255, 255, 255), captions=caps)
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return grids.data_uri(buf.getvalue())
 
 
 def write_review(path: Path, issues: list[dict], summary: dict) -> None:

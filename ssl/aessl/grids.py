@@ -6,12 +6,14 @@ and the synthetic set's preview share.
   becomes a placeholder tile that says so, never an exception.
 - `sheet(tiles, cols, cell, ...)`: tiles pasted row-major into a rows x cols sheet on a
   background, with an optional caption written on each tile.
+- `data_uri(png)`: PNG bytes inlined for a self-contained HTML page (report, sweep, review).
 
 Callers keep their own layout: cell size, colours, columns, captions.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from functools import lru_cache
 
@@ -21,6 +23,11 @@ from .images import UnreadableImage, load_image
 
 UNREADABLE_TEXT = "unreadable"
 UNREADABLE_RGB = (200, 80, 80)
+
+
+def data_uri(png: bytes) -> str:
+    """PNG bytes as a data: URI, how every self-contained page here inlines its images."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 @lru_cache(maxsize=16)

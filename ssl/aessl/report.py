@@ -21,7 +21,6 @@ sum_b p_b * b, percent = expected score * 10, confidence = max probability.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -961,7 +960,7 @@ def _template():
 
 
 def _uri(img: Png) -> str:
-    return "data:image/png;base64," + base64.b64encode(img.data).decode("ascii")
+    return grids.data_uri(img.data)
 
 
 def _fmt(v, key: str = "") -> str:

@@ -587,15 +587,16 @@ def results_table(study, sweep: Sweep):
             if grid is not None and r["cell"] not in grid:
                 continue  # a cell the sweep file no longer has
             values = t.user_attrs.get("values", {})
-            rows[(r["cell"], r["seed"])] = {"sweep": sweep.name, "trial": t.number, **{k: _cell_value(v) for k, v in values.items()},
+            rows[(r["cell"], r["seed"])] = {"sweep": sweep.name, "trial": t.number, **values,
                                             **{k: v for k, v in r.items()}}
     columns = ["sweep", "trial", "cell", *(sweep.axes or sweep.search["space"]), "seed", *METRICS, "wall_s", "params", "step", "run"]
     frame = pd.DataFrame(list(rows.values()))
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    for col in (sweep.axes or sweep.search["space"]):  # parquet columns hold one type: mixed ones as override text
+    # a parquet column holds one scalar type: lists, mappings and mixed types go in as override text
+    for col in (sweep.axes or sweep.search["space"]):
         kinds = {type(v) for v in frame[col] if v is not None} if col in frame.columns else set()
-        if len(kinds) > 1 and not kinds <= {int, float}:
+        if kinds & {list, dict} or (len(kinds) > 1 and not kinds <= {int, float}):
             frame[col] = [as_override(col, v).split("=", 1)[1] for v in frame[col]]
     # the sweep file's order (a grid's cells as written, a search's trials as run), then seed
     order = {c.tag: i for i, c in enumerate(cells(sweep))} if grid is not None else {}
@@ -603,7 +604,3 @@ def results_table(study, sweep: Sweep):
     frame = frame.sort_values(["_order", "seed"]).reset_index(drop=True)
     return frame[[c for c in columns if c in frame.columns]]
 
-
-def _cell_value(v):
-    """Axis values go into parquet columns: lists and mappings as their JSON text."""
-    return json.dumps(v) if isinstance(v, (list, dict)) else v

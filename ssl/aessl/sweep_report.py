@@ -18,7 +18,6 @@ From results.parquet (one row per run: axis values, seed, metrics):
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from itertools import combinations
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from . import grids
 from .fileio import write_bytes_atomic
 from .sweep import LOWER_IS_BETTER
 
@@ -150,7 +150,7 @@ def plot_axis(frame: pd.DataFrame, axis: str, axes: list[str], metric: str) -> F
 def png_data_uri(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return grids.data_uri(buf.getvalue())
 
 
 def fmt(m: float, ci: float | None = None, digits: int = 3) -> str:
