@@ -27,16 +27,13 @@ import sys
 
 
 def parse_args(argv=None):
+    from aessl.clean import add_backbone_arguments, check_backbone_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labeled", required=True, help="scored set: folder of <score>/ subfolders or a "
                                                     ".csv/.jsonl/.parquet manifest (path, score)")
     p.add_argument("--out", required=True, help="output folder (created): issues.csv, review.html, cleaned.csv")
-    p.add_argument("--model", default=None, help="a run folder or model/ folder whose backbone gives the features "
-                                                 "(image size and crop from its config)")
-    p.add_argument("--backbone", default=None, help="timm name of the backbone instead of --model "
-                                                    "(default test_convnext3)")
-    p.add_argument("--pretrained", default=None, help="local weights file for --backbone (.safetensors/.pth); "
-                                                      "without it the backbone is random init: weak, warned about")
+    add_backbone_arguments(p)
     p.add_argument("--folds", type=int, default=5, help="K of the K-fold (default 5; fewer where a bracket has "
                                                         "fewer images)")
     p.add_argument("--action", choices=("drop", "relabel", "none"), default="none",
@@ -44,21 +41,10 @@ def parse_args(argv=None):
                         "bracket, or keep them (default none: review first)")
     p.add_argument("--flag-by", choices=("ordinal", "cleanlab", "both", "either"), default="ordinal",
                    help="which flags --action acts on (default ordinal; both = flagged by both)")
-    p.add_argument("--image-size", type=int, default=None, help="input size of the backbone (default: the model's, "
-                                                                "else 64)")
     p.add_argument("--test", default=None, help="a test scored set: its images found among the labeled ones are "
                                                 "reported (test leaks)")
-    p.add_argument("--cache-dir", default=None, help="embedding cache folder (default .cache/embed, shared with "
-                                                     "embedding-mode training)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the feature pass (default 2)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seeds the folds and a random-init backbone")
-    args = p.parse_args(argv)
-    if args.workers < 0:
-        p.error("--workers must be 0 or more")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    return args
+    return check_backbone_arguments(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:

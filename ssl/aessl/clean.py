@@ -189,6 +189,30 @@ def features_of(backbone: Backbone, table, accelerator, cache_dir: str | None, w
     return X.astype(np.float32), np.asarray(ft.rows, dtype=np.int64), feats["skipped"]["scored"]
 
 
+def add_backbone_arguments(p) -> None:
+    """The frozen backbone's options, shared by ssl/clean.py and ssl/raters.py."""
+    p.add_argument("--model", default=None, help="a run folder or model/ folder whose backbone gives the features "
+                                                 "(image size and crop from its config)")
+    p.add_argument("--backbone", default=None, help="timm name of the backbone instead of --model "
+                                                    "(default test_convnext3)")
+    p.add_argument("--pretrained", default=None, help="local weights file for --backbone (.safetensors/.pth); "
+                                                      "without it the backbone is random init: weak, warned about")
+    p.add_argument("--image-size", type=int, default=None, help="input size of the backbone (default: the model's, "
+                                                                "else 64)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache folder (default .cache/embed, shared with "
+                                                     "embedding-mode training)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the feature pass (default 2)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+
+def check_backbone_arguments(p, args):
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    return args
+
+
 # --------------------------------------------------------------------------- out-of-fold probabilities
 
 

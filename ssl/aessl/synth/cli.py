@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label-noise", type=float, default=0.0,
                    help="fraction of labeled (not test) labels moved by +-1 bracket (default 0)")
     p.add_argument("--raters", type=int, default=0, help="simulate K raters: per-rater score columns in truth.parquet")
+    p.add_argument("--rater-groups", type=int, default=0,
+                   help="draw the --raters in G taste groups (shared attribute weights and harshness) and write "
+                        "ratings.csv / ratings_test.csv (path,score,rater: --ratings-per-image raters per image, the "
+                        "busiest raters rating most) and consensus_test.csv (the test images' mean-over-raters score)")
+    p.add_argument("--ratings-per-image", type=int, default=3, help="with --rater-groups: raters per image (default 3)")
     p.add_argument("--unlabeled-dist", choices=UNLABELED_DISTRIBUTIONS, default="crawl",
                    help="bracket distribution of the unlabeled pool (default crawl: more photos/text/manga/flat)")
     p.add_argument("--weak-signal", action="store_true",
@@ -39,7 +44,8 @@ def main(argv=None) -> int:
     try:
         generate(a.out, labeled=a.labeled, unlabeled=a.unlabeled, test=a.test, size=a.size, seed=a.seed,
                  workers=a.workers, label_noise=a.label_noise, raters=a.raters, unlabeled_dist=a.unlabeled_dist,
-                 preview=a.preview, progress=not a.no_progress, weak_signal=a.weak_signal)
+                 preview=a.preview, progress=not a.no_progress, weak_signal=a.weak_signal,
+                 rater_groups=a.rater_groups, ratings_per_image=a.ratings_per_image)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from .preview import make_preview
 from .render import NUISANCE_COLUMNS, render_image
 from .scores import (
     ATTRIBUTE_COLUMNS, NUM_BRACKETS, SPLITS, UNLABELED_DISTRIBUTIONS, noisy_labels, percentile_scores, rater_params,
-    rater_scores, split_brackets, weak_signal_raw,
+    rater_scores, ratings, split_brackets, weak_signal_raw,
 )
 
 #: Bump when the images or the truth columns change: part of the cache key in synth.json.
@@ -32,8 +32,12 @@ GENERATOR_VERSION = 1
 
 _ID_PREFIX = {"labeled": "l", "test": "t", "unlabeled": "u"}
 _OWNED = ("labeled", "test", "unlabeled", "preview", "truth.parquet", "truth.parquet.tmp", "synth.json.tmp",
-          "weak_signal.csv", "weak_signal.csv.tmp")
+          "weak_signal.csv", "weak_signal.csv.tmp", "ratings.csv", "ratings_test.csv", "consensus_test.csv")
 WEAK_MANIFEST = "weak_signal.csv"
+#: --rater-groups: every labeled / test image rated by several raters (path, score, rater), and
+#: the test images' consensus score (path, score), all paths relative to the set folder
+RATINGS_MANIFESTS = {"labeled": "ratings.csv", "test": "ratings_test.csv"}
+CONSENSUS_MANIFEST = "consensus_test.csv"
 _MARKER = ".synth-incomplete"
 _CHUNK = 32  # images per task handed to a worker
 
@@ -123,22 +127,24 @@ def _plan(out: Path, seed: int, sizes: dict, label_noise: float, unlabeled_dist:
     return tasks, labels
 
 
-def _columns(raters: int, weak: bool = False):
+def _columns(raters: int, weak: bool = False, groups: bool = False):
     cols = [("path", "str"), ("split", "str"), ("index", "int"), ("bracket", "int"), ("score", "float"),
             ("label", "int"), ("category", "str")]
     cols += [(k, "float") for k in ATTRIBUTE_COLUMNS]
     cols += list(NUISANCE_COLUMNS)
     if raters:
         cols += [("rater", "int")] + [(f"rater_{k}", "float") for k in range(raters)]
+    if groups:
+        cols += [("consensus", "float")]
     if weak:
         cols += [("weak_signal", "float")]
     return cols
 
 
-def _write_truth(path: Path, rows: list[dict], raters: int, weak: bool = False) -> None:
+def _write_truth(path: Path, rows: list[dict], raters: int, weak: bool = False, groups: bool = False) -> None:
     types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
     arrays, fields = [], []
-    for name, typ in _columns(raters, weak):
+    for name, typ in _columns(raters, weak, groups):
         vals = [r.get(name) for r in rows]
         if typ == "float":
             vals = [None if v is None else float(v) for v in vals]
@@ -156,7 +162,7 @@ def _read_manifest(out: Path):
 
 
 def _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist,
-                  weak: bool = False) -> dict:
+                  weak: bool = False, rater_groups: int = 0, ratings_per_image: int = 3) -> dict:
     """The arguments as recorded in synth.json (the cache key: keep its keys and order, or
     every set already generated stops counting as up to date). Optional features add a key
     only when on (--weak-signal: "weak_signal", its parameters), so a set drawn without them
@@ -177,6 +183,13 @@ def _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unl
                       "nuisance_strength": scores.NUISANCE_STRENGTH, "attribute_spread": scores.ATTRIBUTE_SPREAD}}
     if weak:
         args["weak_signal"] = dict(scores.WEAK_SIGNAL)
+    if rater_groups:
+        if not 1 <= int(rater_groups) <= int(raters):
+            raise ValueError(f"rater_groups must be between 1 and raters ({raters}), got {rater_groups!r}")
+        if not 1 <= int(ratings_per_image) <= int(raters):
+            raise ValueError(f"ratings_per_image must be between 1 and raters ({raters}), got {ratings_per_image!r}")
+        args["rater_groups"] = {"groups": int(rater_groups), "ratings_per_image": int(ratings_per_image),
+                                **scores.RATER_GROUPS}
     return args
 
 
@@ -205,7 +218,31 @@ def _add_weak_signal(out: Path, seed: int, rows: list[dict]) -> dict:
             "spearman_vs_score": None if math.isnan(rho) else round(rho, 4)}
 
 
-def _manifest(args: dict, rows: list[dict], params: list[dict], weak: dict | None = None) -> dict:
+def _write_ratings(out: Path, seed: int, rows: list[dict], params: list[dict], per_image: int) -> dict:
+    """ratings.csv / ratings_test.csv (path, score, rater: `per_image` raters per image) and
+    consensus_test.csv (path, score: the test images' consensus); returns their names."""
+    files = {}
+    for split, name in RATINGS_MANIFESTS.items():
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "score", "rater"])
+        for path, rater, rating in ratings(seed, rows, params, per_image, split):
+            w.writerow([path, rating, f"r{rater:02d}"])
+        write_text_atomic(out / name, buf.getvalue())
+        files[f"ratings_{split}"] = name
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "score"])
+    for r in rows:
+        if r["split"] == "test":
+            w.writerow([r["path"], f"{r['consensus']:.4f}"])
+    write_text_atomic(out / CONSENSUS_MANIFEST, buf.getvalue())
+    files["consensus_test"] = CONSENSUS_MANIFEST
+    return files
+
+
+def _manifest(args: dict, rows: list[dict], params: list[dict], weak: dict | None = None,
+              rating_files: dict | None = None) -> dict:
     counts = {}
     for split in SPLITS:
         c = [0] * NUM_BRACKETS
@@ -220,6 +257,7 @@ def _manifest(args: dict, rows: list[dict], params: list[dict], weak: dict | Non
     if weak is not None:
         files["weak_signal"] = WEAK_MANIFEST
         extra["weak_signal"] = weak
+    files.update(rating_files or {})
     return {
         "args": args,
         "counts": {s: {"total": sum(c), "per_bracket": c} for s, c in counts.items()},
@@ -233,17 +271,22 @@ def _manifest(args: dict, rows: list[dict], params: list[dict], weak: dict | Non
 
 def generate(out_dir, labeled: int = 3080, unlabeled: int = 20000, test: int = 1000, size: int = 64, seed: int = 0,
              workers: int | None = None, label_noise: float = 0.0, raters: int = 0, unlabeled_dist: str = "crawl",
-             preview: bool = False, progress: bool = True, weak_signal: bool = False) -> dict:
+             preview: bool = False, progress: bool = True, weak_signal: bool = False, rater_groups: int = 0,
+             ratings_per_image: int = 3) -> dict:
     """Write the synthetic benchmark into out_dir and return the content of synth.json.
 
     If out_dir/synth.json already records the same arguments, nothing is regenerated (a
     preview is still drawn if asked for and missing). Output is byte-identical for a given
     seed whatever `workers` is. `weak_signal` adds the pool's weak signal (a truth column
-    and weak_signal.csv; see the package docstring) and changes nothing else.
+    and weak_signal.csv; see the package docstring) and changes nothing else. `rater_groups`
+    (with `raters`) draws the raters in taste groups and writes ratings.csv, ratings_test.csv
+    (`ratings_per_image` raters per image) and consensus_test.csv; without it the set is as
+    before, byte for byte.
     """
     t0 = time.time()
     weak_on = bool(weak_signal)
-    args = _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist, weak_on)
+    args = _checked_args(labeled, unlabeled, test, size, seed, label_noise, raters, unlabeled_dist, weak_on,
+                         rater_groups, ratings_per_image)
     out = Path(out_dir)
     old = _read_manifest(out)
     if old is not None and old.get("args") == args:
@@ -263,11 +306,12 @@ def generate(out_dir, labeled: int = 3080, unlabeled: int = 20000, test: int = 1
     rows = _render_all(tasks, cfg, workers, progress)
     for r in rows:
         r["label"] = labels[(r["split"], r["index"])]
-    params = rater_params(seed, raters)
+    params = rater_params(seed, raters, rater_groups)
     rater_scores(seed, rows, params)
     weak = _add_weak_signal(out, seed, rows) if weak_on else None
-    _write_truth(out / "truth.parquet", rows, raters, weak_on)
-    manifest = _manifest(args, rows, params, weak)
+    rating_files = _write_ratings(out, seed, rows, params, ratings_per_image) if rater_groups else None
+    _write_truth(out / "truth.parquet", rows, raters, weak_on, bool(rater_groups))
+    manifest = _manifest(args, rows, params, weak, rating_files)
     if preview:
         make_preview(out, rows)
     elapsed = time.time() - t0

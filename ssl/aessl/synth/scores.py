@@ -215,7 +215,12 @@ def shown(rng, a: float) -> float:
 # Simulated raters (--raters)
 
 
-def rater_params(seed: int, raters: int) -> list[dict]:
+def rater_params(seed: int, raters: int, groups: int = 0) -> list[dict]:
+    """Each simulated rater's taste: attribute weights, a bias (harshness, in score points) and
+    the sd of their per-image noise. Without groups every rater's taste is drawn on its own;
+    with `groups` (--rater-groups) see grouped_rater_params."""
+    if groups:
+        return grouped_rater_params(seed, raters, groups)
     rng = np.random.default_rng([seed, _STREAM_RATERS, 0])
     out = []
     for k in range(raters):
@@ -226,31 +231,100 @@ def rater_params(seed: int, raters: int) -> list[dict]:
     return out
 
 
+#: Rater groups (--rater-groups G): raters inside a group share a taste. Recorded in synth.json.
+RATER_GROUPS = {
+    "taste_sd": 1.2,      # log-sd of a group's attribute weights around SHADED_WEIGHTS / SKETCH_WEIGHTS
+    "harshness_sd": 0.8,  # sd of a group's bias (harshness offset), in score points
+    "within_sd": 0.1,     # log-sd of a rater's weights and sd of their bias around their group's
+    "activity_sd": 1.0,   # log-sd of a rater's activity: how many of the images they rate
+}
+
+
+def grouped_rater_params(seed: int, raters: int, groups: int, knobs: dict = RATER_GROUPS) -> list[dict]:
+    """Raters in `groups` taste groups of unequal size (every group has two raters, or one
+    where there are fewer than two per group):
+    each group draws weights (SHADED/SKETCH_WEIGHTS x e^N(0, taste_sd)) and a bias
+    (N(0, harshness_sd)); each member varies them a little (within_sd) and has their own
+    noise sd and activity (log-normal: a few raters rate most images, as on real sites)."""
+    if not 1 <= groups <= raters:
+        raise ValueError(f"rater groups must be between 1 and the number of raters ({raters}), got {groups}")
+    rng = np.random.default_rng([seed, _STREAM_RATERS, 2])
+    taste = [{"weights": {a: v * math.exp(rng.normal(0, knobs["taste_sd"])) for a, v in SHADED_WEIGHTS.items()},
+              "sketch_weights": {a: v * math.exp(rng.normal(0, knobs["taste_sd"])) for a, v in SKETCH_WEIGHTS.items()},
+              "bias": rng.normal(0, knobs["harshness_sd"])} for _ in range(groups)]
+    base = np.tile(np.arange(groups), min(2, raters // groups))  # two members each where there are enough raters
+    member = np.concatenate([base, rng.choice(groups, raters - len(base), p=rng.dirichlet([4.0] * groups))])
+    member = rng.permutation(member)
+    out = []
+    for k in range(raters):
+        g = taste[int(member[k])]
+        jit = knobs["within_sd"]
+        out.append({"rater": k, "group": int(member[k]),
+                    "bias": float(g["bias"] + rng.normal(0, jit)), "noise": float(rng.uniform(0.15, 0.5)),
+                    "weights": {a: float(v * math.exp(rng.normal(0, jit))) for a, v in g["weights"].items()},
+                    "sketch_weights": {a: float(v * math.exp(rng.normal(0, jit))) for a, v in g["sketch_weights"].items()},
+                    "activity": float(math.exp(rng.normal(0, knobs["activity_sd"])))})
+    return out
+
+
+def _taste_inputs(rows: list[dict]) -> tuple[np.ndarray, dict, np.ndarray]:
+    cat = np.array([r["category"] for r in rows])
+    A = {k: np.nan_to_num(np.array([r[k] for r in rows], np.float64)) for k in ATTRIBUTE_COLUMNS}
+    return cat, A, np.array([r["score"] for r in rows], np.float64)
+
+
+def taste_scores(cat: np.ndarray, A: dict, score: np.ndarray, p: dict) -> np.ndarray:
+    """A rater's noise-free score of every image: their weights where a category's score comes
+    from attributes (shaded, flat, sketch), the true score elsewhere, plus their bias."""
+    s = score.copy()
+    shaded = cat == "shaded"
+    s[shaded] = 4.5 + 5.5 * quality(A, p["weights"])[shaded]
+    flat = cat == "flat"
+    s[flat] = 3.5 + quality(A, {k: p["weights"][k] for k in FLAT_ATTRIBUTES})[flat]
+    sk = cat == "sketch"
+    s[sk] = 1.5 + 2.0 * quality(A, p["sketch_weights"])[sk]
+    return s + p["bias"]
+
+
 def rater_scores(seed: int, rows: list[dict], params: list[dict]) -> None:
-    """Each rater's score for every image: their own attribute weights (for the categories
-    whose score comes from attributes), a personal bias and per-image noise. Labeled and
-    test images also get the rater who "scored" them."""
+    """Each rater's score for every image: their taste score (taste_scores) plus per-image
+    noise, clipped to 0..10. Labeled and test images also get the rater who "scored" them.
+    With rater groups every row also gets `consensus`, the mean noise-free score over all
+    raters, each rater counting once (the population's view, whoever rates the most)."""
     if not params:
         return
     n = len(rows)
-    cat = np.array([r["category"] for r in rows])
-    A = {k: np.nan_to_num(np.array([r[k] for r in rows], np.float64)) for k in ATTRIBUTE_COLUMNS}
-    score = np.array([r["score"] for r in rows])
+    cat, A, score = _taste_inputs(rows)
     rng = np.random.default_rng([seed, _STREAM_RATERS, 1])
+    tastes = []
     for p in params:
-        s = score.copy()
-        shaded = cat == "shaded"
-        s[shaded] = 4.5 + 5.5 * quality(A, p["weights"])[shaded]
-        flat = cat == "flat"
-        s[flat] = 3.5 + quality(A, {k: p["weights"][k] for k in FLAT_ATTRIBUTES})[flat]
-        sk = cat == "sketch"
-        s[sk] = 1.5 + 2.0 * quality(A, p["sketch_weights"])[sk]
-        s = np.clip(s + p["bias"] + rng.normal(0, p["noise"], n), 0, 10)
+        taste = taste_scores(cat, A, score, p)
+        tastes.append(taste)
+        s = np.clip(taste + rng.normal(0, p["noise"], n), 0, 10)
         for r, v in zip(rows, s):
             r[f"rater_{p['rater']}"] = float(v)
     who = rng.integers(0, len(params), n)
     for r, w in zip(rows, who):
         r["rater"] = int(w) if r["split"] != "unlabeled" else None
+    if "group" in params[0]:
+        consensus = np.clip(np.mean(tastes, axis=0), 0, 10)
+        for r, v in zip(rows, consensus):
+            r["consensus"] = float(v)
+
+
+def ratings(seed: int, rows: list[dict], params: list[dict], per_image: int, split: str) -> list[tuple[str, int, int]]:
+    """(path, rater, rating) rows: every image of `split` rated by `per_image` distinct raters,
+    drawn in proportion to their activity; a rating is the bracket of that rater's score
+    (people give whole scores)."""
+    act = np.array([p["activity"] for p in params], np.float64)
+    rng = np.random.default_rng([seed, _STREAM_RATERS, 3, SPLIT_CODE[split]])
+    out = []
+    for r in rows:
+        if r["split"] != split:
+            continue
+        for k in sorted(rng.choice(len(params), per_image, replace=False, p=act / act.sum())):
+            out.append((r["path"], int(k), int(bracket_of(r[f"rater_{int(k)}"]))))
+    return out
 
 
 # --------------------------------------------------------------------------------------
