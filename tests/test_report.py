@@ -271,3 +271,33 @@ def test_bad_input_is_a_clear_exit_2(case, runs, toy_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: " in err and words in err and "Traceback" not in err, err
     assert out.read_text() == "a file" if case == "out_is_a_file" else not out.exists()  # nothing written
+
+
+def test_per_rater_table_when_the_scored_set_has_raters(runs, toy_data, tmp_path):
+    """A test set scored by two raters, one harsh (score - 2) on every image, one as the
+    folders say on half of them: the report gets a per-rater table whose numbers are the
+    run's own predictions measured against each rater's rows."""
+    images = sorted(Path(toy_data["test"]).rglob("*.png"))
+    rows = ["path,score,rater"]
+    for i, img in enumerate(images):
+        score = float(img.parent.name)
+        rows.append(f"{img},{max(0.0, score - 2)},harsh")
+        if i % 2 == 0:
+            rows.append(f"{img},{score},kind")
+    manifest = tmp_path / "rated.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "raters"
+    assert report_main()([str(runs["sup"]), str(runs["fix"]), "--data", str(manifest), "--out", str(out),
+                          "--workers", "0", "--grid", "2"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    per = report["runs"]["sup"]["per_rater"]
+    assert set(per) == {"harsh", "kind"}
+    assert per["harsh"]["num_images"] == len(images) and per["kind"]["num_images"] == (len(images) + 1) // 2
+    pred = pd.read_parquet(out / "predictions.parquet")
+    mine = pred[(pred.run == "sup") & (pred.rater == "harsh")]
+    assert per["harsh"]["mae"] == pytest.approx(float(np.mean(np.abs(mine.expected_score - mine.score))), abs=1e-4)
+    assert per["harsh"]["mean_true"] < per["kind"]["mean_true"] - 1.5
+    page = (out / "report.html").read_text()
+    assert "<h2 id='raters'>Per rater</h2>" in page
+    assert re.search(r"<tr><td>harsh</td><td>%d</td>" % len(images), page)
+    assert external_references(page) == []

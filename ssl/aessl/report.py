@@ -613,6 +613,7 @@ class _ScoredSet:
     true_score: np.ndarray
     true_bracket: np.ndarray
     top_k: int
+    raters: list[str] | None = None  # the scored set's rater column, when it has one
 
 
 @dataclass
@@ -660,7 +661,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     paths = list(table["path"])
     true_score = np.asarray(table["score"], dtype=np.float64)
     scored = _ScoredSet(table, paths, true_score, bracket_of(true_score),
-                        int(top_k) if top_k else default_top_k(len(paths)))
+                        int(top_k) if top_k else default_top_k(len(paths)), _raters_of(table))
     notes = _data_notes(inputs, data, paths)
     pool_state = _Pool(pool, pool_table, truth_file) if pool_table is not None else None
     results: dict[str, dict] = {}
@@ -713,6 +714,29 @@ def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool
     return entry, frame, pool_frame
 
 
+def _raters_of(table) -> list[str] | None:
+    if "rater" not in table.column_names:
+        return None
+    return ["" if r is None else str(r) for r in table["rater"]]
+
+
+def per_rater_metrics(probs: np.ndarray, scored: _ScoredSet) -> dict[str, dict] | None:
+    """QWK, MAE, FPR and mean scores of one run against each rater's own scores (a scored
+    set with a rater column: one row per image and rater); None without raters."""
+    if not scored.raters:
+        return None
+    out = {}
+    raters = np.asarray(scored.raters, dtype=object)
+    pred = expected_score(probs)
+    for name in sorted(set(scored.raters)):
+        sel = np.flatnonzero(raters == name)
+        m = compute_metrics(probs[sel], scored.true_score[sel])
+        out[name or "(none)"] = {"num_images": int(len(sel)), "qwk": m["qwk"], "mae": m["mae"],
+                                 "false_positive_rate": m["false_positive_rate"],
+                                 "mean_true": float(scored.true_score[sel].mean()), "mean_pred": float(pred[sel].mean())}
+    return out
+
+
 def _run_entry(inp: RunInput, probs: np.ndarray, scored: _ScoredSet) -> dict:
     """Metrics, calibration and what the run's folder says, for one run."""
     metrics = compute_metrics(probs, scored.true_score, top_k=scored.top_k)
@@ -726,7 +750,7 @@ def _run_entry(inp: RunInput, probs: np.ndarray, scored: _ScoredSet) -> dict:
         "architecture": inp.info.get("architecture"), "image_size": inp.info.get("image_size"),
         "algorithm": inp.info.get("algorithm"), "trained_steps": inp.info.get("trained_steps"),
         "target": target_of(inp.info).name, "thresholds": inp.thresholds.tolist(), "model_thresholds": list(inp.info.get("thresholds") or []),
-        "metrics": metrics, "calibration": cal,
+        "metrics": metrics, "calibration": cal, "per_rater": per_rater_metrics(probs, scored),
         "last_training_eval": {k: last.get(k) for k in ("step", "mae", "qwk", "false_positive_rate")} if last else None,
         "probs": probs,
     }
@@ -738,6 +762,8 @@ def _prediction_frame(name: str, probs: np.ndarray, scored: _ScoredSet):
     frame = pd.DataFrame({"run": name, "path": scored.paths, "score": scored.true_score, "bracket": scored.true_bracket,
                           "expected_score": score, "percent": 10 * score, "pred_bracket": probs.argmax(1),
                           "confidence": probs.max(1)})
+    if scored.raters:
+        frame.insert(2, "rater", scored.raters)
     for b in BRACKETS:
         frame[f"p_{b}"] = probs[:, b]
     return frame
@@ -978,6 +1004,7 @@ def render_html(report: dict, images: dict[str, Png], grids: dict) -> str:
     return _template().render(
         report=report, names=names, pool=report["pool"],
         table=_metric_table(report),
+        rater_table=_rater_table(report),
         plot_sections=_plot_sections(report, images),
         grid_sections=_grid_sections(names, images, grids),
         curves=_uri(images["curves"]) if "curves" in images else None,
@@ -1013,6 +1040,23 @@ def _metric_table(report: dict) -> list[dict]:
             vals = [(p.get("pseudo_label_quality") or {}).get(key) for p in pools]
             if any(v is not None for v in vals):
                 rows.append(_row(label, [(_fmt(v), False) for v in vals]))
+    return rows
+
+
+def _rater_table(report: dict) -> list[dict]:
+    """Rows of the per-rater table ({'rater', 'n', 'mean_true', 'cells': [{'text', 'best'}]}):
+    each run's QWK / MAE against that rater's scores, the best QWK in bold; [] without raters."""
+    names, runs = report["run_names"], report["runs"]
+    first = runs[names[0]].get("per_rater") if names else None
+    if not first:
+        return []
+    rows = []
+    for rater, base in first.items():
+        vals = {n: (runs[n].get("per_rater") or {}).get(rater) or {} for n in names}
+        best = best_runs({n: v.get("qwk") for n, v in vals.items()}, "high")
+        cells = [{"text": f"{_fmt(v.get('qwk'))} / {_fmt(v.get('mae'))} / {_fmt(v.get('mean_pred'))}", "best": n in best}
+                 for n, v in vals.items()]
+        rows.append({"rater": rater, "n": base["num_images"], "mean_true": _fmt(base["mean_true"]), "cells": cells})
     return rows
 
 
