@@ -4,6 +4,7 @@ killed and resumed)."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -112,6 +113,22 @@ def train_in_process(*overrides) -> int:
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def script_in_process(script: str, *args) -> int:
+    """ssl/<script>'s main(argv) in this process (its Accelerator's state reset afterwards)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return _load_script(f"aessl_{Path(script).stem}_script", ROOT / "ssl" / script).main([str(a) for a in args])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def report_main():

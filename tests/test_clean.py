@@ -13,23 +13,14 @@ from PIL import Image
 
 from aessl import clean
 from aessl.synth import generate
-from conftest import ROOT, _load_script, make_scored_set, toy_image, train_in_process
+from conftest import make_scored_set, read_csv_rows, script_in_process, toy_image, train_in_process
 
 
 def clean_in_process(*args) -> int:
-    """ssl/clean.py's main() in this process (its Accelerator's state reset afterwards)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return _load_script("aessl_clean_script", ROOT / "ssl" / "clean.py").main([str(a) for a in args])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return script_in_process("clean.py", *args)
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+read_csv = read_csv_rows
 
 
 @pytest.fixture(scope="module")

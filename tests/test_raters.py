@@ -12,22 +12,14 @@ import pytest
 
 from aessl import raters as R
 from aessl.synth import generate
-from conftest import ROOT, _load_script
+from conftest import read_csv_rows, script_in_process
 
 
 def raters_in_process(*args) -> int:
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return _load_script("aessl_raters_script", ROOT / "ssl" / "raters.py").main([str(a) for a in args])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return script_in_process("raters.py", *args)
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+read_csv = read_csv_rows
 
 
 @pytest.fixture(scope="module")
