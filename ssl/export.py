@@ -2,6 +2,7 @@
 
     python ssl/export.py --model runs/demo/model --images unlabeled/ --out exports/pool --top 100
     accelerate launch ssl/export.py --model runs/demo --images pool.parquet --out exports/pool
+    python ssl/export.py --onnx model.onnx --images unlabeled/ --out exports/pool-onnx
 
 Writes OUT/part-*.parquet (one row per readable image: path, expected_score, score_percent,
 bracket, confidence, prob_0..prob_10, accepted), errors.jsonl, manifest.json and, with
@@ -9,7 +10,8 @@ bracket, confidence, prob_0..prob_10, accepted), errors.jsonl, manifest.json and
 arguments. An OUT that another live export is writing (it holds OUT/.lock), or that holds files
 this tool did not write, is refused with exit 2 (--overwrite replaces the latter). --device
 auto|cpu|cuda|cuda:N picks where one process scores (under accelerate launch each process uses
-its own GPU). The library part is aessl/export.py.
+its own GPU). --onnx FILE (from ssl/export_onnx.py) scores with onnxruntime instead of torch:
+the same rows, no model weights or timm model needed. The library part is aessl/export.py.
 """
 
 import sys

@@ -28,6 +28,13 @@ Columns (one row per readable image inside the score band):
                   datasets, pandas, SQL engines; `np.stack` them for a matrix)
   accepted        confidence >= the threshold of the argmax bracket
 
+`--onnx FILE` (a file of ssl/export_onnx.py; `--backend onnx`) scores with onnxruntime
+instead of torch: the same loader and eval transform make the batches, the graph gives the
+probabilities, and the rows are the torch backend's within float rounding. The file carries
+its model's config (size, normalisation, thresholds), so `--model` is not needed; given
+too, the file must have been exported from it. Its fingerprint differs from torch's, so a
+resumed export never mixes the two backends' shards.
+
 When all shards exist the main process writes `errors.jsonl` (row, path, reason of every
 unreadable image), `manifest.json` (`complete: true`) and, with `--top N`, `top.csv`,
 `top_grid.jpg` and optionally `top/` (links or copies named `0001_<name>`, the name cut
@@ -69,7 +76,8 @@ from .fileio import write_atomic, write_text_atomic
 from .locks import FolderLock, FolderLocked
 from .logs import setup_logging
 from .metrics import DEFAULT_THRESHOLD, NUM_BRACKETS, confidence, expected_score
-from .models import load_model_folder, resolve_model_folder
+from .models import files_sha256, load_model_folder, model_sha256, resolve_model_folder
+from .onnx_backend import OnnxError, OnnxScorer, check_same_model
 from .scoring import PRECISIONS, bracket_probs, resolve_precision
 from .targets import target_of
 from .transforms import eval_transform
@@ -100,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Score an unlabeled image pool with a trained model/ folder; write parquet shards, "
         "errors.jsonl and manifest.json to OUT, and optionally the top N.",
     )
-    p.add_argument("--model", required=True, help="a model/ folder (config.json + model.safetensors) or a run folder")
+    p.add_argument("--model", default=None,
+                   help="a model/ folder (config.json + model.safetensors) or a run folder (optional with --onnx)")
     p.add_argument("--images", required=True,
                    help="folder (recursive), .csv/.jsonl/.parquet manifest with 'path', save_to_disk folder, or hub:<name>")
     p.add_argument("--out", required=True, help="output folder (created; resumed when it holds the same export)")
@@ -119,9 +128,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (accelerate's choice: each process's GPU, else CPU), cpu, cuda, or cuda:N (one process)")
     p.add_argument("--streaming", action="store_true", help="stream the source instead of loading it (huge Hub datasets)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of the source")
+    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                   help="torch (default), or onnx: score with onnxruntime and the --onnx file (ssl/export_onnx.py)")
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="an .onnx file written by ssl/export_onnx.py (implies --backend onnx; needs no --model)")
     p.add_argument("--overwrite", action="store_true", help="replace an export of different settings in OUT")
     args = p.parse_args(argv)
-    problems = []
+    problems = backend_problems(args)
     if args.batch_size < 1:
         problems.append("--batch-size must be >= 1")
     if args.workers is None:  # 8 GPUs x 8 workers on a 16-core box would only thrash
@@ -146,6 +159,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def backend_problems(args) -> list[str]:
+    """Settle --backend from --onnx and say what does not fit: onnx needs a file, torch a
+    model folder, and the ONNX graph computes in float32 only."""
+    args.backend = args.backend or ("onnx" if args.onnx else "torch")
+    if args.backend == "onnx":
+        if not args.onnx:
+            return ["--backend onnx needs --onnx FILE (write one with: python ssl/export_onnx.py --model RUN --out FILE)"]
+        if args.precision not in ("auto", "fp32"):
+            return [f"--precision {args.precision}: the ONNX backend scores in float32 (use auto or fp32)"]
+        return []
+    if args.onnx:
+        return ["--onnx is for --backend onnx"]
+    return [] if args.model else ["--model is required (or --onnx FILE with --backend onnx)"]
 
 
 def resolve_thresholds(info: dict, where: str) -> tuple[list[float], str]:
@@ -182,15 +210,6 @@ def resolve_device(text: str | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
-
-
-def _sha256_files(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def source_identity(pool, source: str, streaming: bool) -> dict:
@@ -538,18 +557,37 @@ def _is_inside(child: Path, parent: Path) -> bool:
         return False
 
 
-def load_inputs(args, device):
-    """(model, info, thresholds, threshold_source, folder, pool, source): every input
-    checked before OUT is touched; problems raise ExportError naming the path."""
-    try:
-        folder = resolve_model_folder(args.model)
-    except FileNotFoundError as exc:
-        raise ExportError(f"--model: {exc}") from None
+def load_scorer(args, device):
+    """(model, info, folder, where info comes from): the torch model of --model, or the
+    onnxruntime scorer of --onnx (its `folder` is the .onnx file; with --model too, the file
+    must have been exported from that folder)."""
+    folder = None
+    if args.model:
+        try:
+            folder = resolve_model_folder(args.model)
+        except FileNotFoundError as exc:
+            raise ExportError(f"--model: {exc}") from None
+    if args.backend == "onnx":
+        try:
+            scorer = OnnxScorer(args.onnx, device=str(device))
+            if folder is not None:
+                check_same_model(Path(args.onnx), scorer, folder, json.loads((folder / "config.json").read_text()),
+                                 model_sha256(folder))
+        except (OnnxError, OSError, ValueError) as exc:
+            raise ExportError(f"--onnx: {exc}") from None
+        return scorer, scorer.info, Path(args.onnx), f"{args.onnx} (its config metadata)"
     try:
         model, info = load_model_folder(folder, device="cpu")
     except Exception as exc:  # bad JSON, wrong format, missing keys, weights that do not fit
         raise ExportError(f"--model {folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
-    thresholds, thr_source = resolve_thresholds(info, str(folder / "config.json"))
+    return model.to(device), info, folder, str(folder / "config.json")
+
+
+def load_inputs(args, device):
+    """(model, info, thresholds, threshold_source, folder, pool, source): every input
+    checked before OUT is touched; problems raise ExportError naming the path."""
+    model, info, folder, where = load_scorer(args, device)
+    thresholds, thr_source = resolve_thresholds(info, where)
 
     source = str(args.images)
     if not source.startswith("hub:"):
@@ -567,7 +605,7 @@ def load_inputs(args, device):
         raise ExportError(f"--images {source}: cannot read the source ({type(exc).__name__}: {exc})") from None
     if hasattr(pool, "__len__") and len(pool) == 0:
         raise ExportError(f"--images {source}: the source has no rows")
-    return model.to(device), info, thresholds, thr_source, folder, pool, source
+    return model, info, thresholds, thr_source, folder, pool, source
 
 
 def prepare_out(out: Path, spec: dict, fingerprint: str, overwrite: bool, manifest_head: dict) -> set[int]:
@@ -663,6 +701,11 @@ def lock_out(out: Path, is_main: bool, broadcast=None) -> FolderLock | None:
         raise ExportError(f"--out: {exc}") from None
 
 
+def model_identity(folder: Path) -> str:
+    """sha256 of what scores: a model folder's config.json + weights, or the .onnx file."""
+    return files_sha256(folder) if folder.is_file() else model_sha256(folder)
+
+
 def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_source: str, ident: dict, source: str,
                  dtype: torch.dtype, is_main: bool, broadcast) -> dict:
     """Main process: the export's fingerprint and manifest head, and OUT made ready for it
@@ -671,7 +714,7 @@ def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_sour
     if is_main:
         band = [args.min_score, args.max_score]
         spec = {
-            "model_sha256": _sha256_files(folder / "config.json", folder / "model.safetensors"),
+            "model_sha256": model_identity(folder),
             "thresholds": thresholds,
             "source": ident,
             "limit": args.limit,
@@ -679,12 +722,14 @@ def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_sour
             "score_band_percent": band,
             "precision": str(dtype).replace("torch.", ""),
         }
+        if args.backend == "onnx":  # (absent for torch: the fingerprints of earlier exports stay valid)
+            spec["backend"] = "onnx"
         fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
         head = {
             "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint, "spec": spec,
             "model": {"folder": str(folder.resolve()), "architecture": info["architecture"],
                       "image_size": info["image_size"], "thresholds": thresholds, "thresholds_source": thr_source,
-                      "default_threshold": DEFAULT_THRESHOLD},
+                      "default_threshold": DEFAULT_THRESHOLD, "backend": args.backend},
             "source": {"images": source, "kind": ident["kind"], "rows": ident["rows"], "streaming": bool(args.streaming)},
             "shard_size": args.shard_size, "score_band_percent": band, "precision": spec["precision"],
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -721,7 +766,9 @@ def main(argv=None) -> int:
         inputs = load_inputs(args, device)
     except ExportError as exc:
         return fail(str(exc))
-    dtype = resolve_precision(args.precision, device)
+    dtype = resolve_precision(args.precision, device) if args.backend == "torch" else torch.float32
+    if args.backend == "onnx" and "CUDAExecutionProvider" not in inputs[0].providers:
+        device = torch.device("cpu")  # where the scoring runs (the manifest says so; no pinned pages)
     pool, source = inputs[-2:]
     ident = source_identity(pool, source, args.streaming)
     if len(set(gather_object([ident["digest"]]))) > 1:
@@ -765,19 +812,27 @@ def score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_
     """Score and write this process's shards; returns its counts (scored, unreadable,
     written, shards)."""
     loader, bounds, my_rows = shard_loader(args, info, pool, ident, done, device, rank, world)
-    if device.type == "cuda":  # fixed-size batches: let cuDNN pick its fastest kernels; NHWC suits bf16 convolutions
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda" and isinstance(model, torch.nn.Module):  # fixed-size batches: let cuDNN pick its
+        torch.backends.cudnn.benchmark = True  # fastest kernels; NHWC suits bf16 convolutions
         model = model.to(memory_format=torch.channels_last)
     desc = "export" if world == 1 else f"export [{rank + 1}/{world}]"
     bar = tqdm(total=my_rows, disable=not is_main, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
     writer = ShardWriter(args.shard_size, bounds, out, meta_base, int(info.get("confidence_radius", 0)), rank, world,
                          bar)
-    for probs, batch in bracket_probs(model, loader, device, dtype, channels_last=True, target=target_of(info)):
+    for probs, batch in scored_batches(model, loader, device, dtype, info):
         writer.add(probs, batch)
     bar.close()
     if writer.buffers:
         raise RuntimeError(f"shards {sorted(writer.buffers)} were left unfinished")  # a bug in the readers
     return writer.counts
+
+
+def scored_batches(model, loader, device, dtype, info):
+    """The backend seam: (probabilities on the host, batch) from torch's scoring loop, or
+    from onnxruntime for an ONNX scorer; the same loader (eval transform) feeds both."""
+    if isinstance(model, OnnxScorer):
+        return model.bracket_probs(loader)
+    return bracket_probs(model, loader, device, dtype, channels_last=True, target=target_of(info))
 
 
 def shard_loader(args, info, pool, ident, done, device, rank: int, world: int):
@@ -821,7 +876,7 @@ class ShardWriter:
         buf["names"] += list(batch["name"])
         buf["ok"] += batch["ok"].tolist()
         buf["reasons"] += list(batch["reason"])
-        buf["probs"].append(host_probs.numpy())
+        buf["probs"].append(np.asarray(host_probs))  # a CPU tensor (torch) or an array (onnx)
         self.bar.update(len(rows))
         if streaming:
             if batch["last"]:

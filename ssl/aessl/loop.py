@@ -33,6 +33,7 @@ from transformers import get_cosine_schedule_with_warmup
 from . import algorithms as algos
 from . import checkpoints as ckpt
 from . import faults
+from . import modelcard
 from . import pseudo as pseudo_labels
 from . import runfolder
 from .config import DEFAULTS, save_config, to_dict
@@ -42,7 +43,7 @@ from .heads import EmbeddingError
 from .images import UnreadableImage, load_image
 from .locks import FolderLock, FolderLocked
 from .logs import setup_logging
-from .metrics import compute_metrics, default_top_k
+from .metrics import bracket_of, compute_metrics, default_top_k
 from .models import WeightsUnavailable, save_model_folder
 from .overlap import check_leakage
 from .scoring import bracket_probs, mixed_precision_dtype
@@ -389,6 +390,7 @@ class Trainer:
         self.steps = run.cfg.train.steps
         self.window: dict[str, list] = {}
         self.last_metrics = None
+        self.last_probs = None  # the last evaluation's test-set probabilities (main process): the model card's histogram
         self.eval_seconds = self.save_seconds = self.loop_seconds = 0.0  # the loop's own time apart (timing.json)
         self.t0 = time.time()
 
@@ -502,7 +504,7 @@ class Trainer:
             idx.append(self.test_rows[b["index"].numpy()])
         pairs = gather_object([(np.concatenate(idx), np.concatenate(probs))])
         all_idx = np.concatenate([p[0] for p in pairs])
-        all_probs = np.concatenate([p[1] for p in pairs])[np.argsort(all_idx)]
+        all_probs = self.last_probs = np.concatenate([p[1] for p in pairs])[np.argsort(all_idx)]
         seen = gather_object([sorted(self.progress.skipped)])
         top_k = default_top_k(len(self.test_scores), self.run.cfg.eval.top_k_fraction)
         m = {"step": step, **compute_metrics(all_probs, self.test_scores, top_k=top_k)}
@@ -539,15 +541,15 @@ FINAL_KEYS = ("mae", "qwk", "spearman", "accuracy", "accuracy_within_1", "false_
 
 
 def write_model(run: Run, trainer: Trainer, final_model: torch.nn.Module, info: dict) -> None:
-    """model/ (the EMA teacher, the algorithm's export thresholds), timing.json, and the
-    final metrics line."""
+    """model/ (the EMA teacher, the algorithm's export thresholds, the model card), timing.json,
+    and the final metrics line."""
     if not run.is_main:
         return
     cfg, run_dir, algo = run.cfg, run.run_dir, trainer.t.algo
     steps = trainer.steps
     extra = {"algorithm": cfg.algorithm.name, "thresholds": algos.thresholds_for_export(algo),
              "confidence_radius": algos.confidence_radius(algo), "trained_steps": steps, "seed": cfg.seed}
-    save_model_folder(final_model, info, run_dir / "model", extra)
+    save_model_folder(final_model, info, run_dir / "model", extra, files=model_card_file(run_dir, trainer, info, extra))
     (run_dir / "timing.json").write_text(json.dumps({"steps": steps - trainer.progress.start_step,
                                                      "loop_seconds": round(trainer.loop_seconds, 3),
                                                      "eval_seconds": round(trainer.eval_seconds, 3)}))
@@ -555,6 +557,19 @@ def write_model(run: Run, trainer: Trainer, final_model: torch.nn.Module, info: 
     print(f"\nrun folder: {run_dir}  ({time.time() - trainer.t0:.0f}s, {run.world} process(es))")
     print("final metrics: " + json.dumps({k: round(last[k], 4) if isinstance(last[k], float) else last[k]
                                           for k in FINAL_KEYS}))
+
+
+def model_card_file(run_dir: Path, trainer: Trainer, info: dict, extra: dict) -> dict[str, str]:
+    """{'README.md': the model card} (aessl/modelcard.py), from the run files and the last
+    evaluation; {} with a warning if it cannot be written: a card must never cost the model."""
+    try:
+        test_hist = bracket_histogram(bracket_of(trainer.test_scores))
+        pred_hist = bracket_histogram(trainer.last_probs.argmax(axis=1)) if trainer.last_probs is not None else None
+        card = modelcard.card_for_run(run_dir, {**info, **extra}, trainer.last_metrics, test_hist, pred_hist)
+    except Exception as exc:  # a bug in the card's text, an odd run.json: the weights still get written
+        log.warning("model card not written (%s: %s); the model is", type(exc).__name__, exc)
+        return {}
+    return {modelcard.CARD_FILE: card}
 
 
 # --------------------------------------------------------------------------- helpers

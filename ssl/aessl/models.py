@@ -10,6 +10,7 @@ backbone's own state dict: the same file loads with plain
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -157,9 +158,11 @@ def build_model(model_cfg, image_size: int, crop_pct: float = 1.0) -> tuple[Scor
     return ScoreModel(backbone), info
 
 
-def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write model.safetensors + config.json into a temp folder, then swap it into place:
-    at every moment `folder` holds either the whole old model or the whole new one."""
+def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: dict | None = None,
+                      files: dict[str, str] | None = None) -> Path:
+    """Write model.safetensors + config.json (+ `files`, name -> text, e.g. the model card
+    README.md) into a temp folder, then swap it into place: at every moment `folder` holds
+    either the whole old model or the whole new one, its card included."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -171,6 +174,8 @@ def save_model_folder(model: ScoreModel, info: dict, folder: str | Path, extra: 
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **info, **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
     _recover_interrupted_swap(folder)
     if not folder.exists():
         tmp.rename(folder)
@@ -216,6 +221,22 @@ def resolve_model_folder(path: str | Path) -> Path:
     if (path / "model" / "config.json").is_file():
         return path / "model"
     raise FileNotFoundError(f"{path}: not a model folder (needs config.json and model.safetensors) or a run folder with model/")
+
+
+def files_sha256(*paths: str | Path) -> str:
+    """One sha256 over the files' bytes, in order, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(folder: str | Path) -> str:
+    """sha256 over a model folder's config.json and model.safetensors: what export's
+    fingerprint and an ONNX file's provenance record (the card may change, the model not)."""
+    return files_sha256(Path(folder) / "config.json", Path(folder) / "model.safetensors")
 
 
 def load_model_folder(path: str | Path, device="cpu") -> tuple[ScoreModel, dict]:
