@@ -87,6 +87,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ssl"))
@@ -149,7 +150,8 @@ FLOOR, ORACLE, X4, SOFT = "supervised", "oracle", "labels_x4", "softlabel"
 # (README's round): a supervised teacher has no thresholds of its own, and export's default 0.95
 # accepts few rows, and those mostly of one bracket.
 SOFT_ARGS = ["data.pseudo_accepted_only=false", "data.pseudo_weight=0.5"]
-ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "ordinal", "rankmatch", SOFT]
+ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "ordinal", "rankmatch", "rankflexmatch",
+              SOFT]
 CEILINGS = (ORACLE, X4)
 ROW_TITLES = {FLOOR: "floor: supervised", ORACLE: "ceiling: pool oracle", X4: "ceiling: labels x4",
               SOFT: "softlabel (teacher: floor)"}
@@ -165,7 +167,10 @@ ABLATIONS = {  # an algorithm with one part switched off (--ablation [ordinal ra
     "rankmatch-labels_only": ("rankmatch", {"rank_margin": 1000}, ["algorithm.lambda_u=0"]),
     # the ranking terms alone, on labeled and pool pairs, without FixMatch's pseudo-labels
     "rankmatch-no_fixmatch": ("rankmatch", {}, ["algorithm.lambda_u=0"]),
+    # RankMatch on FlexMatch without pool pairs: FlexMatch + the ranking term on labeled pairs
+    "rankflexmatch-no_pool_ranking": ("rankflexmatch", {"rank_margin": 1000}, []),
 }
+VARIANTS: dict[str, tuple[str, dict]] = {}  # --variant rows: row -> (algorithm, its args on top of the defaults)
 METRICS = ["qwk", "mae", "spearman", "false_positive_rate", "top_k_precision"] + [f"recall_{b}" for b in range(11)]
 
 
@@ -189,9 +194,13 @@ def algorithm_args(name: str, steps: int) -> dict:
                bracket histogram, which the model card's histogram is far from.
     ordinal    its own defaults (aessl/algos/ordinal.py).
     rankmatch  its own defaults (aessl/algos/rankmatch.py: FixMatch's, rank_weight 0.3).
+    rankflexmatch  its own defaults (FlexMatch's with thresh_warmup=false, rank_weight 0.3).
     budget_ema(steps) = clip(1 - 20/steps, 0.9, 0.999): a memory of 5% of the run.
     """
     ema = round(lib.budget_ema(steps), 4)
+    if name in VARIANTS:
+        algo, extra = VARIANTS[name]
+        return {**algorithm_args(algo, steps), **extra}
     if name in ABLATIONS:
         return dict(ABLATIONS[name][1])
     return {"flexmatch": {"thresh_warmup": False},
@@ -200,6 +209,8 @@ def algorithm_args(name: str, steps: int) -> dict:
 
 
 def algorithm_of(row: str) -> str:
+    if row in VARIANTS:
+        return VARIANTS[row][0]
     return ABLATIONS[row][0] if row in ABLATIONS else (FLOOR if row in (*CEILINGS, SOFT) else row)
 
 
@@ -604,8 +615,11 @@ def parse_args(argv=None):
     p.add_argument("--subset-seed", type=int, default=0, help="chooses the 10%% label subset")
     p.add_argument("--algorithms", nargs="+", default=None,
                    help=f"default: {' '.join(ALGORITHMS)} (smoke: supervised flexmatch)")
-    p.add_argument("--ablation", nargs="*", choices=("ordinal", "rankmatch"), default=None,
+    p.add_argument("--ablation", nargs="*", choices=("ordinal", "rankmatch", "rankflexmatch"), default=None,
                    help="add these algorithms (none named: both) with each part switched off")
+    p.add_argument("--variant", nargs="+", default=[], metavar="ROW=ALGO[:key=value,...]",
+                   help="extra rows to tune with: an algorithm with its algorithm.args, e.g. "
+                        "rankflexmatch-w1=rankflexmatch:rank_weight=1.0")
     p.add_argument("--out", default=None, help="work folder (default benchmarks/work/ssl_gain-<scale>)")
     p.add_argument("--md", default=None, help="Markdown (default benchmarks/work/ssl_gain-<scale>.md)")
     p.add_argument("--json", default=None, help="JSON (default benchmarks/work/ssl_gain-<scale>.json)")
@@ -619,9 +633,27 @@ def parse_args(argv=None):
     if args.pretrain_seed in args.data_seeds:
         p.error("--pretrain-seed must differ from every --data-seeds value")
     ablated = [] if args.ablation is None else (args.ablation or ["ordinal", "rankmatch"])
+    variants = [parse_variant(p, v) for v in args.variant]
     args.rows = ([FLOOR, *CEILINGS] + [a for a in args.algorithms if a != FLOOR]
-                 + [row for row, (algo, _, _) in ABLATIONS.items() if algo in ablated])
+                 + [row for row, (algo, _, _) in ABLATIONS.items() if algo in ablated] + variants)
     return args
+
+
+def parse_variant(p, text: str) -> str:
+    """--variant ROW=ALGO[:key=value,...] into VARIANTS (its args go on top of the algorithm's
+    benchmark defaults); returns ROW."""
+    row, sep, rest = text.partition("=")
+    algo, _, kv = rest.partition(":")
+    if not sep or not row or not algo or row in ALGORITHMS or row in (*CEILINGS, FLOOR):
+        p.error(f"--variant {text!r}: expected NEW_ROW=ALGORITHM[:key=value,...]")
+    args = {}
+    for item in filter(None, kv.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            p.error(f"--variant {text!r}: {item!r} is not key=value")
+        args[key] = yaml.safe_load(value)
+    VARIANTS[row] = (algo, args)
+    return row
 
 
 def run_setting(args, work, mode, fraction, data_by_seed, backbone, features) -> dict:

@@ -73,3 +73,19 @@ def test_labels_only_ablation_never_reads_the_pool(toy_data, tmp_path):
     assert same(weights(toy_data["unlabeled"], *labels_only), weights(other_pool, *labels_only))
     ranked = ["algorithm.lambda_u=0", "algorithm.args.rank_margin=0.1"]
     assert not same(weights(toy_data["unlabeled"], *ranked), weights(other_pool, *ranked))
+
+
+def test_rankflexmatch_exports_flexmatchs_per_bracket_thresholds(toy_data, tmp_path):
+    """RankMatch on FlexMatch: the ranking term trains, and the thresholds exported are
+    FlexMatch's per-bracket ones (p_cutoff x each bracket's learning effect, in [0, p_cutoff]),
+    not FixMatch's p_cutoff for every bracket. (Resuming FlexMatch's hooks: test_train.py.)"""
+    run = tmp_path / "run"
+    assert train_in_process(*data_args(toy_data), "algorithm.name=rankflexmatch", "train.steps=4", "train.eval_every=4",
+                            "train.save_every=4", "algorithm.args.p_cutoff=0.5", f"output_dir={run}") == 0
+    m = read_metrics(run)[-1]
+    assert m["step"] == 4 and m["rank_loss"] > 0 and 0 <= m["pseudo_label_rate"] <= 1
+    info = json.loads((run / "model" / "config.json").read_text())
+    thr = info["thresholds"]
+    assert info["algorithm"] == "rankflexmatch" and len(thr) == 11
+    assert all(0.0 <= t <= 0.5 for t in thr) and thr != [0.5] * 11
+    assert thr == [round(m[f"threshold_{b}"], 6) for b in range(11)]  # the last evaluation's, as logged

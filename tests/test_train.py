@@ -82,7 +82,8 @@ def test_every_supported_usb_algorithm_trains(name, toy_data, tmp_path):
 ACCEPT_ALL = {"fixmatch": ["p_cutoff=0.0"], "flexmatch": ["p_cutoff=0.0"], "uda": ["p_cutoff=0.0", "tsa_schedule=none"],
               "pseudolabel": ["p_cutoff=0.0", "unsup_warm_up=0.01"], "adamatch": ["p_cutoff=0.0"],
               "mixmatch": ["unsup_warm_up=0.01"], "pimodel": ["unsup_warm_up=0.01"], "meanteacher": ["unsup_warm_up=0.01"],
-              "freematch": [], "softmatch": [], "ordinal": ["thresh_min=0.0", "thresh_max=0.0"], "rankmatch": ["p_cutoff=0.0"]}
+              "freematch": [], "softmatch": [], "ordinal": ["thresh_min=0.0", "thresh_max=0.0"], "rankmatch": ["p_cutoff=0.0"],
+              "rankflexmatch": ["p_cutoff=0.0"]}
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPT_ALL))

@@ -202,7 +202,8 @@ def _flexmatch_thresholds(algo) -> torch.Tensor:
 
 # USB algorithms whose thresholds live in their hooks, by algorithm name. Any other with a
 # p_cutoff uses it for every bracket; one without has no thresholds (supervised).
-USB_THRESHOLDS = {"freematch": _freematch_thresholds, "flexmatch": _flexmatch_thresholds}
+USB_THRESHOLDS = {"freematch": _freematch_thresholds, "flexmatch": _flexmatch_thresholds,
+                  "rankflexmatch": _flexmatch_thresholds}  # aessl/algos/rankmatch.py: FlexMatch's hooks
 
 
 def current_thresholds(algo) -> torch.Tensor | None:
