@@ -5,6 +5,9 @@ same scored set (a <score>/ folder tree or a manifest); the report folder then h
 report.html (self-contained: open it anywhere, nothing is fetched), metrics.json,
 predictions.parquet and every plot as PNG. With --pool it also scores an unlabeled pool
 (score distribution; pseudo-label accuracy and coverage where a truth file knows the answers).
+With --saliency every image of the grids (top-scored, false positives, worst misses) gets an
+integrated-gradients map of its expected score beside it, through the whole model (the frozen
+backbone and the head of an embedding-mode model too).
 """
 
 from __future__ import annotations
@@ -32,8 +35,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU; softmax always fp32")
+    p.add_argument("--saliency", action="store_true",
+                   help="draw a saliency map (integrated gradients of the expected score) beside every grid image")
+    p.add_argument("--saliency-steps", type=int, default=50,
+                   help="integration steps per image (default 50; the report shows the error left, the convergence delta)")
+    p.add_argument("--saliency-baseline", choices=("blur", "black"), default="blur",
+                   help="what the image is compared with: the image blurred (default: what its detail adds) or a black image")
+    p.add_argument("--saliency-batch-size", type=int, default=16,
+                   help="images x steps per forward-and-backward pass (memory, not results; default 16)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "grid", "pool_limit"):
+    for name in ("batch_size", "grid", "pool_limit", "saliency_steps", "saliency_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers is not None and args.workers < 0:
@@ -50,12 +61,15 @@ def main(argv=None) -> int:
 
     setup_logging()
     from aessl.report import TABLE_ROWS, ReportError, build_report
+    from aessl.saliency import SaliencyOptions
 
     out = Path(args.out or f"reports/{datetime.now():%Y%m%d-%H%M%S}")
+    saliency = SaliencyOptions(steps=args.saliency_steps, baseline=args.saliency_baseline,
+                               batch_size=args.saliency_batch_size) if args.saliency else None
     try:
         report = build_report(args.runs, args.data, out, pool=args.pool, truth=args.truth, batch_size=args.batch_size,
                               top_k=args.top_k, grid=args.grid, workers=args.workers, device=args.device,
-                              pool_limit=args.pool_limit, precision=args.precision)
+                              pool_limit=args.pool_limit, precision=args.precision, saliency=saliency)
     except (ReportError, LabeledSetError, DataSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,16 +40,18 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saved
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 from sklearn.metrics import confusion_matrix
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import grids, runfolder
 from .data import (MANIFEST_SUFFIXES, DataSourceError, EvalDataset, LabeledSetError, load_pool, load_scored_set,
-                   read_manifest, row_name, scan_labeled_folder, worker_init)
+                   read_manifest, row_name, row_source, scan_labeled_folder, worker_init)
 from .export import resolve_device
 from .fileio import write_bytes_atomic
 from .models import load_model_folder, resolve_model_folder
+from .saliency import METHOD as SALIENCY_METHOD, SaliencyOptions, overlay_tile, saliency_maps
 from .scoring import bracket_probs, resolve_precision
 from .targets import target_of
 from .transforms import eval_transform
@@ -465,9 +467,11 @@ def plot_pseudo_quality(quality: dict, counts, title: str = ""):
     return fig
 
 
-def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX):
+def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX, overlays: list | None = None):
     """Thumbnails at 1:1 pixels with 'true b · p%' and the file name under each. Tiles are
     letterboxed on light grey, small images enlarged by a whole factor (pixels stay sharp).
+    overlays: one size x size tile per item (the saliency map over the model's view, or None),
+    shown right of its thumbnail; the caption is then centred under the pair.
 
     items: {'path', 'true' (bracket or None), 'percent', 'alert' (bool: red caption)}."""
     if not items:
@@ -475,7 +479,10 @@ def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX):
     cols = max(1, min(cols, len(items)))
     pad, cap = 12, 40
     tiles = [grids.tile(it["path"], size, (235, 235, 235), whole=True) for it in items]
-    sheet = grids.sheet(tiles, cols, (size + pad, size + cap), (255, 255, 255), margin=pad)
+    if overlays is not None:
+        tiles = [_pair(t, o, size) for t, o in zip(tiles, overlays)]
+    tw = tiles[0].width
+    sheet = grids.sheet(tiles, cols, (tw + pad, size + cap), (255, 255, 255), margin=pad)
     W, H = sheet.size
     with _rc():
         fig = _figure(W / 100, H / 100)
@@ -484,7 +491,7 @@ def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX):
         ax.set_axis_off()
         for i, it in enumerate(items):
             r, c = divmod(i, cols)
-            x = (pad + c * (size + pad) + size / 2) / W
+            x = (pad + c * (tw + pad) + tw / 2) / W
             y0 = H - pad - r * (size + cap) - size  # the tile's bottom edge, in pixels from the bottom
             true = "?" if it.get("true") is None else str(it["true"])
             fig.text(x, (y0 - 4) / H, f"true {true} · pred {math.floor(it['percent'])}%", ha="center", va="top",
@@ -492,6 +499,17 @@ def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX):
             fig.text(x, (y0 - 21) / H, _short(Path(str(it["path"])).name, 30), ha="center", va="top",
                      fontsize=8, color="#666")
     return fig
+
+
+PAIR_GAP = 4  # pixels between a thumbnail and its saliency overlay
+
+
+def _pair(thumb, overlay, size: int):
+    """A thumbnail and its overlay side by side (an empty grey tile where there is no overlay)."""
+    out = Image.new("RGB", (2 * size + PAIR_GAP, size), (255, 255, 255))
+    out.paste(thumb, (0, 0))
+    out.paste(overlay if overlay is not None else Image.new("RGB", (size, size), (235, 235, 235)), (size + PAIR_GAP, 0))
+    return out
 
 
 def _short(text: str, n: int) -> str:
@@ -512,7 +530,7 @@ def grid_items(kind: str, paths, true_bracket, probs, n: int) -> list[dict]:
         order = np.argsort(-np.abs(score - true_bracket), kind="stable")
     else:
         raise ValueError(kind)
-    return [{"path": paths[i], "true": int(true_bracket[i]), "percent": 10 * score[i],
+    return [{"path": paths[i], "row": int(i), "true": int(true_bracket[i]), "percent": 10 * score[i],
              "alert": bool(true_bracket[i] <= LOW_BRACKET_MAX and score[i] >= HIGH_SCORE_MIN)} for i in order[:n]]
 
 
@@ -632,12 +650,13 @@ class _Pool:
 def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool: str | Path | None = None,
                  truth: str | Path | None = None, batch_size: int = 64, top_k: int | None = None, grid: int = 12,
                  workers: int | None = None, device: str | None = None, pool_limit: int | None = None,
-                 precision: str = "auto") -> dict:
+                 precision: str = "auto", saliency: SaliencyOptions | None = None) -> dict:
     """Score `data` (and `pool`) with every run and write the report into `out`.
 
     Returns what metrics.json holds. Raises ReportError / LabeledSetError / DataSourceError
     on bad inputs before anything is written. `device`: auto (None), cpu, cuda or cuda:N;
-    `precision`: auto (bf16 autocast on CUDA), fp32, bf16 or fp16."""
+    `precision`: auto (bf16 autocast on CUDA), fp32, bf16 or fp16. `saliency`: also draw an
+    integrated-gradients map beside every image of the grids (aessl/saliency.py); None: not."""
     if not runs:
         raise ReportError("give at least one run or model folder")
     try:
@@ -667,7 +686,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     results: dict[str, dict] = {}
     pred_frames, pool_frames = [], []
     for inp in inputs:
-        results[inp.name], frame, pool_frame = _score_run(inp, scoring, scored, pool_state, notes)
+        results[inp.name], frame, pool_frame = _score_run(inp, scoring, scored, pool_state, notes, grid, saliency)
         pred_frames.append(frame)
         if pool_frame is not None:
             pool_frames.append(pool_frame)
@@ -686,16 +705,17 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     for img in images.values():
         write_bytes_atomic(out / img.file, img.data)
 
-    report = _report_dict(data, scored, results, pool_state, notes)
+    report = _report_dict(data, scored, results, pool_state, notes, saliency)
     write_bytes_atomic(out / "metrics.json", json.dumps(report, indent=1).encode())
     _write_predictions(out, pred_frames, pool_frames)
     write_bytes_atomic(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
     return report
 
 
-def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool | None, notes: list[str]):
+def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool | None, notes: list[str],
+               grid: int = 12, saliency: SaliencyOptions | None = None):
     """(the run's entry in the report, its prediction rows, its pool prediction rows or
-    None). The model is loaded for this run only."""
+    None). The model is loaded for this run only, so its saliency maps are made here too."""
     paths = scored.paths
     log.info("scoring %d images with %s (%s, %d px)", len(paths), inp.name, inp.info["architecture"], inp.info["image_size"])
     try:
@@ -707,11 +727,34 @@ def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool
         bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
         raise ReportError(f"{len(bad)} scored image(s) became unreadable: " + "; ".join(bad[:5]))
     entry = _run_entry(inp, probs, scored)
+    if saliency is not None:
+        entry["saliency"], entry["overlays"] = _grid_saliency(inp, model, scoring.device, scored, probs, grid, saliency)
     frame = _prediction_frame(inp.name, probs, scored)
     pool_frame = None
     if pool is not None:
         entry["pool"], pool_frame = _score_pool(inp, model, scoring, pool, notes)
     return entry, frame, pool_frame
+
+
+def _grid_saliency(inp: RunInput, model, device, scored: _ScoredSet, probs: np.ndarray, grid: int,
+                   options: SaliencyOptions) -> tuple[dict, dict]:
+    """Saliency maps of every image the run's grids show: (the pass's figures for
+    metrics.json, {row of the scored set: overlay tile or None})."""
+    rows = sorted({it["row"] for kind, _, _ in GRIDS
+                   for it in grid_items(kind, scored.paths, scored.true_bracket, probs, grid)})
+    log.info("saliency of %d grid images with %s (%s, %d steps, %s baseline)", len(rows), inp.name, SALIENCY_METHOD,
+             options.steps, options.baseline)
+    sources = [row_source(scored.table[r]) for r in rows]
+    try:
+        result = saliency_maps(model, inp.info, sources, device, options)
+    except torch.cuda.OutOfMemoryError:
+        raise ReportError(f"{inp.name}: out of GPU memory while computing saliency maps; lower --saliency-batch-size "
+                          f"(now {options.batch_size})") from None
+    overlays = {r: overlay_tile(v, h, THUMB_PX) for r, v, h in zip(rows, result.views, result.heat)}
+    summary = result.summary()
+    log.info("saliency of %s: %d images in %.1fs, largest |convergence delta| %s", inp.name, summary["images"],
+             summary["seconds"], summary["max_abs_convergence_delta"])
+    return summary, overlays
 
 
 def _raters_of(table) -> list[str] | None:
@@ -846,8 +889,11 @@ def _draw_figures(results: dict[str, dict], histories: dict[str, list[dict]], sc
         keep(f"reliability/{name}", f"reliability_{s}.png", plot_reliability(r["calibration"]))
         keep(f"recall/{name}", f"recall_{s}.png", plot_recall(r["metrics"], true_bracket))
         for kind, _, _ in GRIDS:
+            items = grid_items(kind, scored.paths, true_bracket, probs, grid)
+            overlays = [r["overlays"].get(it["row"]) for it in items] if "overlays" in r else None
+            # a thumbnail and its map side by side: 3 pairs a row keep the page as wide as 6 thumbnails
             keep(f"grid_{kind}/{name}", f"grid_{kind}_{s}.png",
-                 plot_image_grid(grid_items(kind, scored.paths, true_bracket, probs, grid), cols=6))
+                 plot_image_grid(items, cols=6 if overlays is None else 3, overlays=overlays))
         pq = (r.get("pool") or {}).get("pseudo_label_quality")
         if pq:
             keep(f"pseudo/{name}", f"pseudo_quality_{s}.png", plot_pseudo_quality(pq, r["pool"]["truth_counts"]))
@@ -858,9 +904,11 @@ def _draw_figures(results: dict[str, dict], histories: dict[str, list[dict]], sc
     return images
 
 
-def _report_dict(data, scored: _ScoredSet, results: dict[str, dict], pool: _Pool | None, notes: list[str]) -> dict:
-    """What metrics.json holds (JSON-safe): the runs' entries without their probabilities,
-    the best run of each table row, the pool's summary."""
+def _report_dict(data, scored: _ScoredSet, results: dict[str, dict], pool: _Pool | None, notes: list[str],
+                 saliency: SaliencyOptions | None = None) -> dict:
+    """What metrics.json holds (JSON-safe): the runs' entries without their probabilities
+    (or overlay images), the best run of each table row, the pool's summary, the saliency
+    settings (None: no maps)."""
     names = list(results)
     best = {key: sorted(best_runs({n: results[n]["metrics"].get(key) for n in names}, better))
             for key, _, better in TABLE_ROWS}
@@ -874,7 +922,9 @@ def _report_dict(data, scored: _ScoredSet, results: dict[str, dict], pool: _Pool
         "run_names": names, "pool": pool_summary, "notes": notes, "best": best,
         "disagreements": disagreements(scored, {n: results[n]["probs"] for n in names}),
         "generated": datetime.now().isoformat(timespec="seconds"),
-        "runs": {n: {k: v for k, v in r.items() if k not in ("probs", "calibration")} | {
+        "saliency": None if saliency is None else {"method": SALIENCY_METHOD, "baseline": saliency.baseline,
+                                                   "steps": saliency.steps, "target": "expected score"},
+        "runs": {n: {k: v for k, v in r.items() if k not in ("probs", "calibration", "overlays")} | {
             "calibration_bins": {kk: r["calibration"][kk] for kk in ("count", "accuracy", "confidence")}}
             for n, r in results.items()},
     }
@@ -1007,6 +1057,7 @@ def render_html(report: dict, images: dict[str, Png], grids: dict) -> str:
         rater_table=_rater_table(report),
         plot_sections=_plot_sections(report, images),
         grid_sections=_grid_sections(names, images, grids),
+        saliency=_saliency_view(report),
         curves=_uri(images["curves"]) if "curves" in images else None,
         pool_histogram=_uri(images["pool"]) if "pool" in images else None,
         pseudo=_pseudo_figures(report, images),
@@ -1093,6 +1144,20 @@ def _grid_sections(names: list[str], images: dict[str, Png], grids: dict) -> lis
             items.append({"name": n, "alt": f"{title} {n}", "uri": _uri(img) if img else None})
         sections.append({"title": title, "caption": caption, "grids": items})
     return sections
+
+
+def _saliency_view(report: dict) -> dict | None:
+    """What the grids' saliency caption says: settings, the model's view size and each
+    run's largest convergence delta; None without --saliency."""
+    settings = report.get("saliency")
+    if not settings:
+        return None
+    runs = report["runs"]
+    sizes = sorted({int(runs[n]["image_size"]) for n in report["run_names"] if runs[n].get("image_size")})
+    deltas = [f"{n}: {_fmt((runs[n].get('saliency') or {}).get('max_abs_convergence_delta'))}" for n in report["run_names"]]
+    baseline = {"black": "a black image", "blur": "the image blurred"}.get(settings["baseline"], settings["baseline"])
+    return {"baseline": baseline, "steps": settings["steps"], "sizes": " / ".join(f"{s} px" for s in sizes),
+            "deltas": ", ".join(deltas)}
 
 
 def _pseudo_figures(report: dict, images: dict[str, Png]) -> list[dict]:
