@@ -7,7 +7,9 @@ crash):
 - scored set: `labeled/<score>[_anything]/<image>` at any depth, or a manifest
   (.csv/.jsonl/.json/.parquet) with `path`, `score` and optional `rater` columns;
 - unlabeled pool: a folder (recursive), a manifest with `path`, a `save_to_disk` folder,
-  or `hub:<name>` (a Hub dataset, optionally streamed).
+  `hub:<name>` (a Hub dataset, optionally streamed), or .tar shards (a brace pattern or glob
+  of webdataset shards, or img2dataset's output folder: see shards.py; rows carry `path`,
+  the member's name, and where its bytes lie in the shard).
 
 A scored set is validated whole before training: every problem (bad folder names,
 scores out of range, missing, empty or undecodable files) is collected and raised
@@ -42,6 +44,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
+from . import shards
 from .images import UnreadableImage, describe, is_image_file, load_image
 from .metrics import NUM_BRACKETS, bracket_of
 
@@ -503,8 +506,30 @@ def _pool_from_folder(path: Path):
 
     paths = [str(f) for f in _walk_files(path, onerror=unlisted) if is_image_file(f)]
     if not paths:
-        raise DataSourceError(f"{path}: no images found in the unlabeled pool")
+        hint = f" (it holds .tar shards: name them, e.g. {path}/*.tar)" if any(path.glob("*.tar")) else ""
+        raise DataSourceError(f"{path}: no images found in the unlabeled pool{hint}")
     return datasets.Dataset.from_dict({"path": paths})
+
+
+def _pool_from_shards(source: str, streaming: bool):
+    """A pool of .tar shards (shards.py), or None when `source` names none."""
+    import datasets
+
+    try:
+        found = shards.find_shards(source)
+    except shards.ShardSourceError as exc:
+        raise DataSourceError(str(exc)) from None
+    if found is None:
+        return None
+    if streaming:
+        features = datasets.Features.from_arrow_schema(shards.SCHEMA)
+        return datasets.IterableDataset.from_generator(shards.stream_shards, features=features,
+                                                       gen_kwargs={"shards": found})
+    log.info("unlabeled pool: listing the images of %d .tar shards", len(found))
+    table = shards.shard_table(found)
+    if len(table) == 0:
+        raise DataSourceError(f"{source}: no images in its {len(found)} .tar shard(s)")
+    return datasets.Dataset(table)
 
 
 def load_pool(source: str, streaming: bool = False, limit: int | None = None):
@@ -518,6 +543,8 @@ def load_pool(source: str, streaming: bool = False, limit: int | None = None):
             ds = datasets.load_dataset(text[4:], split="train", streaming=streaming)
         except Exception as exc:
             raise DataSourceError(f"{text}: cannot load Hub dataset ({type(exc).__name__}: {exc})") from exc
+    elif (tars := _pool_from_shards(text, streaming)) is not None:
+        ds = tars
     else:
         path = Path(text)
         if not path.exists():
@@ -535,7 +562,8 @@ def load_pool(source: str, streaming: bool = False, limit: int | None = None):
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
             ds = _pool_from_manifest(path, streaming)
         else:
-            raise DataSourceError(f"{path}: unlabeled pool must be a folder, a manifest, a saved dataset or hub:<name>")
+            raise DataSourceError(f"{path}: unlabeled pool must be a folder, a manifest, a saved dataset, .tar "
+                                  "shards or hub:<name>")
     cols = set(ds.column_names or [])
     if "image" in cols:
         ds = ds.cast_column("image", datasets.Image(decode=False))
@@ -560,10 +588,14 @@ def row_source(row: dict):
     """What to hand to load_image for one table row (None when the row holds no image)."""
     if row.get("image") is not None:
         return row["image"]
+    if row.get("tar_shard") is not None:
+        return shards.member_source(row)
     return row.get("path")
 
 
 def row_name(row: dict) -> str:
+    if row.get("tar_shard") is not None:  # a shard member's name, without reading its bytes
+        return row["path"]
     return describe(row_source(row))
 
 
@@ -576,7 +608,8 @@ class TableSources:
     be in one Python list."""
 
     def __init__(self, table):
-        self.table = table.select_columns([c for c in ("image", "path") if c in table.column_names])
+        self.table = table.select_columns([c for c in ("image", "path", *shards.TAR_COLUMNS)
+                                           if c in table.column_names])
 
     def __len__(self) -> int:
         return len(self.table)
@@ -699,7 +732,7 @@ def stable_index(row: dict, size: int) -> int:
     """A slot in [0, size) for one streamed image, from its name (or its bytes): the same image
     gets the same slot in every epoch and process, so per-image algorithm state (FlexMatch's
     selected labels) stays attached to the image on a stream of unknown length."""
-    src = row_source(row)
+    src = row["path"] if row.get("tar_shard") is not None else row_source(row)
     if isinstance(src, dict):
         src = src.get("path") or src.get("bytes") or b""
     data = src if isinstance(src, (bytes, bytearray)) else str(src).encode("utf-8", "surrogateescape")

@@ -168,6 +168,8 @@ class ContentHasher:
         """(hash or None, reason when None, new memo row or None)."""
         if isinstance(src, dict) and src.get("bytes"):
             return _hash_bytes(src["bytes"]), "", None
+        if isinstance(src, dict) and src.get("bytes") == b"":  # an empty tar member: its "path" is only a name
+            return None, "empty file (0 bytes)", None
         path = src.get("path") if isinstance(src, dict) else src
         if path is None:
             return None, "the row holds no image (no bytes and no path)", None

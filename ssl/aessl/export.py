@@ -591,7 +591,7 @@ def load_inputs(args, device):
 
     source = str(args.images)
     if not source.startswith("hub:"):
-        if not os.path.exists(source):
+        if not os.path.exists(source) and not source.lower().endswith(".tar"):  # a .tar pattern: load_pool says
             raise ExportError(f"--images: image source not found: {source}")
         source = os.path.abspath(source)
         if os.path.isdir(source) and _is_inside(Path(args.out), Path(source)):

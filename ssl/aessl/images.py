@@ -148,6 +148,8 @@ def load_image(source, draft_size: int | None = None) -> Image.Image:
     name = describe(source)
     if source is None or (isinstance(source, dict) and not source.get("bytes") and not source.get("path")):
         raise UnreadableImage(name, "the row holds no image (no bytes and no path)")
+    if isinstance(source, dict) and source.get("bytes") == b"":  # an empty tar member: never open its "path"
+        raise UnreadableImage(name, "empty file (0 bytes)")
     if isinstance(source, (str, os.PathLike)):
         try:
             info = os.stat(source)
