@@ -87,18 +87,6 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
-def same_metrics(a: list[dict], b: list[dict], rel: float = 1e-6) -> bool:
-    """Two metrics.jsonl histories agree: the same evaluations and keys, numbers equal to `rel`.
-    A resumed run repeats the same computation, but on a loaded machine the CPU kernels'
-    threaded reductions may sum in another order (seen: 1e-8 differences in a loss on a
-    2-core machine running two benchmarks), so exact float equality would be a flaky test."""
-    import pytest
-
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(
-        x[k] == pytest.approx(y[k], rel=rel, abs=1e-9) if isinstance(x[k], float) else x[k] == y[k] for k in x)
-        for x, y in zip(a, b))
-
-
 def run_script(script: str, *args, env=None, check=True, timeout=600, launcher=None) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + [str(ROOT / "ssl" / script), *map(str, args)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
