@@ -49,7 +49,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -353,7 +352,6 @@ def _pct(entry: dict) -> str:
 
 def main(argv=None, runner=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     runner = runner or subprocess_runner(work)
