@@ -74,6 +74,10 @@ class DataConfig:
     # [low, high] in score percent (the export's score_percent); null = all (checked in _check_pseudo_keys)
     pseudo_band: Any = None
     pseudo_accepted_only: bool = True  # only rows the export's per-bracket thresholds accepted
+    # Decisions made in ssl/app.py (aessl/corrections.py): a corrections CSV, or a list of
+    # them read in order; accepted and re-scored images join the labels, rejected ones leave
+    # the labels, the pool and the pseudo-labels. null = none.
+    corrections: Any = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -371,6 +375,12 @@ def _check_pseudo_keys(cfg) -> None:
         if not items or not all(isinstance(f, str) and f.strip() for f in items):
             raise ConfigError(f"data.pseudo_labels={_plain(folders)!r} must be null, an export folder written by "
                               "ssl/export.py, or a list of them")
+    files = OmegaConf.select(cfg, "data.corrections")
+    if files is not None:
+        items = list(files) if OmegaConf.is_list(files) or isinstance(files, (list, tuple)) else [files]
+        if not items or not all(isinstance(f, str) and f.strip() for f in items):
+            raise ConfigError(f"data.corrections={_plain(files)!r} must be null, a corrections .csv written by "
+                              "ssl/app.py, or a list of them")
     band = OmegaConf.select(cfg, "data.pseudo_band")
     if band is not None:
         if not (OmegaConf.is_list(band) or isinstance(band, (list, tuple))) or len(band) != 2:

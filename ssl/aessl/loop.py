@@ -32,6 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from . import algorithms as algos
 from . import checkpoints as ckpt
+from . import corrections
 from . import faults
 from . import modelcard
 from . import pseudo as pseudo_labels
@@ -186,6 +187,7 @@ class Data:
     leakage: dict | None = None
     pseudo: pseudo_labels.PseudoSet | None = None
     pseudo_info: dict | None = None
+    corrections: dict | None = None  # what data.corrections changed (run.json)
 
 
 def load_data(run: Run, resume_from: Path | None) -> Data:
@@ -200,24 +202,56 @@ def load_data(run: Run, resume_from: Path | None) -> Data:
     else:
         is_test = carve_test_split(run, scored, resume_from)
         train_set, test_set = scored.select(np.flatnonzero(~is_test)), scored.select(np.flatnonzero(is_test))
+    corrected = None
+    if dcfg.corrections:  # a review's decisions (aessl/corrections.py): labels in, rejected images out
+        train_set, corrected = apply_corrections(run, dcfg.corrections, train_set, test_set, resume_from)
     pool = None
     if src["unlabeled"] and cfg.algorithm.name != "supervised":
         pool = load_pool(src["unlabeled"], streaming=dcfg.streaming, limit=dcfg.max_unlabeled)
+        if corrected is not None:
+            pool, corrected["pool_images_removed"] = corrections.drop_from_pool(pool, corrected["rejected_paths"])
         if hasattr(pool, "__len__"):
             probe_pool(pool)
     if len(test_set) == 0:
         raise RunRefused("the test split is empty; give data.test= or a larger labeled set")
-    data = Data(src, scored, is_test, train_set, test_set, pool, None if pool is None else pool_length(pool))
+    data = Data(src, scored, is_test, train_set, test_set, pool, None if pool is None else pool_length(pool),
+                corrections=corrected)
     data.leakage = run.broadcast(check_leakage(test_set["path"], train_set["path"], pool) if run.is_main else None)
     refusal = report_leakage(data.leakage, allow=dcfg.allow_test_overlap)
     if refusal:
         raise RunRefused(refusal)
     if dcfg.pseudo_labels:  # an export's rows join the labels with soft targets (aessl/pseudo.py)
         data.pseudo, data.pseudo_info, refusal = pseudo_labels.prepare(
-            cfg, train_set, test_set, run.run_dir if resume_from is not None else None, run.is_main, run.broadcast)
+            cfg, train_set, test_set, run.run_dir if resume_from is not None else None, run.is_main, run.broadcast,
+            rejected=sorted(corrected["rejected_paths"]) if corrected else ())
         if refusal:
             raise RunRefused(refusal)
     return data
+
+
+def apply_corrections(run: Run, files, train_set, test_set, resume_from: Path | None):
+    """(train set with data.corrections applied, what changed): read on the main process and
+    handed to the others, so every process trains on the same rows."""
+    answer = None
+    if run.is_main:
+        try:
+            corr = corrections.read_corrections(corrections.files_of(files))
+            table, info = corrections.apply_to_labels(corr, train_set, test_set["path"])
+            before = (runfolder.read_run_info(run.run_dir) or {}).get("corrections") if resume_from else None
+            refusal = corrections.resume_refusal(before, info)
+            answer = (table, {**info, "rejected_paths": sorted(corr.rejected)}, refusal)
+        except corrections.CorrectionsError as exc:
+            answer = (None, None, str(exc))
+        except LabeledSetError as exc:
+            answer = (None, None, f"data.corrections: {exc}")
+    table, info, refusal = run.broadcast(answer)
+    if refusal:
+        raise RunRefused(refusal)
+    log.info("corrections: %d image(s) decided in %s: %d accepted, %d re-scored, %d rejected | labels: %d added, "
+             "%d replaced, %d removed, %d test image(s) left out", info["images"], ", ".join(info["files"]),
+             info["accept"], info["rescore"], info["reject"], info["labels_added"], info["labels_replaced"],
+             info["labels_removed"], info["test_images_left_out"])
+    return table, info
 
 
 def carve_test_split(run: Run, scored, resume_from: Path | None) -> np.ndarray:
@@ -358,6 +392,8 @@ def write_run_files(run: Run, data: Data, training: Training, embedding_stats: d
             "resumed_from": str(resume_from) if resume_from else None, "embedding": embedding_stats,
             "leakage": data.leakage, "split_seed": None if data.src["test"] else cfg.data.split_seed,
             "pseudo_labels": data.pseudo_info,
+            "corrections": None if data.corrections is None else
+            {k: v for k, v in data.corrections.items() if k != "rejected_paths"},
         })
         runfolder.keep_metrics_up_to(run_dir, start_step)  # later evaluations will be redone
     if run.accelerator.log_with:

@@ -333,9 +333,11 @@ def _table(parts: list) -> "datasets.Dataset":  # noqa: F821
     return datasets.concatenate_datasets(tables).add_column("score", scores)
 
 
-def load_pseudo_set(dcfg, algorithm_name: str, algorithm_args: dict, train_paths, test_paths) -> PseudoSet:
+def load_pseudo_set(dcfg, algorithm_name: str, algorithm_args: dict, train_paths, test_paths,
+                    rejected=()) -> PseudoSet:
     """Read, check, filter and resolve every export of data.pseudo_labels; drop rows whose
-    image is a test or labeled image or already taken. PseudoLabelError on anything wrong."""
+    image is a test or labeled image, rejected in data.corrections (`rejected`: paths) or
+    already taken. PseudoLabelError on anything wrong."""
     weight = dcfg.pseudo_weight
     refusal = algorithm_refusal(algorithm_name, dict(algorithm_args or {}), weight)
     if refusal:
@@ -343,13 +345,14 @@ def load_pseudo_set(dcfg, algorithm_name: str, algorithm_args: dict, train_paths
     band = None if dcfg.pseudo_band is None else list(dcfg.pseudo_band)  # (a ListConfig: plain for run.json)
     accepted_only = dcfg.pseudo_accepted_only
     test_index, labeled_index = TestIndex(list(test_paths)), TestIndex(list(dict.fromkeys(train_paths)))
+    rejected_index = TestIndex(sorted(rejected)) if rejected else None
     seen, parts, records, probs = set(), [], [], []
-    dropped = {"test": 0, "labeled": 0, "missing": 0, "duplicate": 0, "unreadable": 0}
+    dropped = {"test": 0, "labeled": 0, "rejected": 0, "missing": 0, "duplicate": 0, "unreadable": 0}
     for text in folders_of(dcfg.pseudo_labels):
         folder = Path(text).absolute()
         export = read_export(folder, accepted_only, band)
         sources, kind = resolve_images(folder, export)
-        found = _classify(sources, kind, test_index, labeled_index, seen)
+        found = _classify(sources, kind, test_index, labeled_index, seen, rejected_index)
         keep = np.flatnonzero(np.asarray([f == "keep" for f in found], dtype=bool))
         for f in found:
             if f != "keep":
@@ -379,8 +382,9 @@ def load_pseudo_set(dcfg, algorithm_name: str, algorithm_args: dict, train_paths
     return PseudoSet(_table(parts), np.concatenate(probs), weight, info)
 
 
-def _classify(sources, kind: str, test_index: TestIndex, labeled_index: TestIndex, seen: set) -> list[str]:
-    """'keep' | 'test' | 'labeled' | 'missing' | 'duplicate' per source, in order."""
+def _classify(sources, kind: str, test_index: TestIndex, labeled_index: TestIndex, seen: set,
+              rejected_index: TestIndex | None = None) -> list[str]:
+    """'keep' | 'test' | 'labeled' | 'rejected' | 'missing' | 'duplicate' per source, in order."""
     it = sources if kind == "path" else TableSources(sources).iter()
 
     def one(src):
@@ -390,6 +394,8 @@ def _classify(sources, kind: str, test_index: TestIndex, labeled_index: TestInde
             return "test", None
         if labeled_index.match(src):
             return "labeled", None
+        if rejected_index is not None and rejected_index.match(src):
+            return "rejected", None
         return "keep", _image_key(src)
 
     out = []
@@ -405,7 +411,7 @@ def _classify(sources, kind: str, test_index: TestIndex, labeled_index: TestInde
 
 def _dropped_text(dropped: dict) -> str:
     what = {"test": "same image as a test image", "labeled": "same image as a labeled image",
-            "missing": "image file gone", "duplicate": "image already taken", "unreadable": "unreadable now"}
+            "rejected": "rejected in data.corrections", "missing": "image file gone", "duplicate": "image already taken", "unreadable": "unreadable now"}
     parts = [f"{n} {what[k]}" for k, n in dropped.items() if n]
     return ", ".join(parts) or "none"
 
@@ -413,7 +419,7 @@ def _dropped_text(dropped: dict) -> str:
 # --------------------------------------------------------------------------- train.py's hook
 
 
-def prepare(cfg, train_set, test_set, run_dir: Path | None, is_main: bool, broadcast):
+def prepare(cfg, train_set, test_set, run_dir: Path | None, is_main: bool, broadcast, rejected=()):
     """(PseudoSet or None, info for run.json, refusal or None) on every process: the main
     process reads the exports and `broadcast` hands its answer to the others. The set is None
     when data.pseudo_weight=0 (read and checked, not trained on). With `run_dir` (a resumed
@@ -422,7 +428,7 @@ def prepare(cfg, train_set, test_set, run_dir: Path | None, is_main: bool, broad
     if is_main:
         try:
             pseudo = load_pseudo_set(cfg.data, cfg.algorithm.name, cfg.algorithm.args,
-                                     train_set["path"], test_set["path"])
+                                     train_set["path"], test_set["path"], rejected)
             refusal = resume_refusal(run_dir, pseudo.info) if run_dir is not None else None
             answer = (pseudo, None) if not refusal else (None, refusal)
         except PseudoLabelError as exc:
