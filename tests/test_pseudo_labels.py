@@ -101,7 +101,7 @@ def test_student_trains_on_accepted_rows_less_test_and_labeled_images(world, tmp
     assert read_metrics(run)[-1]["num_images"] == 22  # evaluation is the test set alone, as before
     # every test image placed in the pool (3 copies, 1 link) and both labeled copies are dropped
     every = load(world, str(world["exp_all"]), accepted_only=False)
-    assert every.info["dropped"] == {"test": 4, "labeled": 2, "missing": 0, "duplicate": 0, "unreadable": 0}
+    assert every.info["dropped"] == {"test": 4, "labeled": 2, "rejected": 0, "missing": 0, "duplicate": 0, "unreadable": 0}
     assert len(every) == len(rows) - 6 and not any(overlap_kind(p) for p in every.table["path"])
     # the next round: the student's model exported again, and a second student trained on that
     export(run, world["pool"], tmp_path / "exp2")
