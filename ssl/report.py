@@ -7,7 +7,12 @@ predictions.parquet and every plot as PNG. With --pool it also scores an unlabel
 (score distribution; pseudo-label accuracy and coverage where a truth file knows the answers).
 With --saliency every image of the grids (top-scored, false positives, worst misses) gets an
 integrated-gradients map of its expected score beside it, through the whole model (the frozen
-backbone and the head of an embedding-mode model too).
+backbone and the head of an embedding-mode model too). With --tiles N (5: corners + centre, or a
+square such as 9) every image is scored as N crops of the image resized to --tile-scale (default 2)
+x the model's size, reduced with --tile-reduce mean|median|min|max (aessl/tiles.py); the page and
+metrics.json record the setting.
+
+    python ssl/report.py runs/demo --data data/synth/test --tiles 5 --tile-reduce median
 """
 
 from __future__ import annotations
@@ -43,7 +48,27 @@ def parse_args(argv=None):
                    help="what the image is compared with: the image blurred (default: what its detail adds) or a black image")
     p.add_argument("--saliency-batch-size", type=int, default=16,
                    help="images x steps per forward-and-backward pass (memory, not results; default 16)")
+    p.add_argument("--tiles", type=int, default=1, metavar="N",
+                   help="tiled inference: score N crops of each image and reduce them (5: four corners + centre; "
+                        "k*k, e.g. 4, 9: a k x k grid; default 1: off, the normal eval view)")
+    p.add_argument("--tile-reduce", choices=("mean", "median", "min", "max"), default=None,
+                   help="how the N tiles' distributions become one (default mean; median/min/max: the tile with the "
+                        "median/lowest/highest expected score)")
+    p.add_argument("--tile-scale", type=float, default=None, metavar="F",
+                   help="resize the shorter side to F x the model's image size before cutting tiles (default 2; >= 1)")
     args = p.parse_args(argv)
+    from aessl.tiles import DEFAULT_TILE_SCALE, TileSettings, check_scale, check_tiles
+
+    for flag, check, value in (("--tiles", check_tiles, args.tiles), ("--tile-scale", check_scale, args.tile_scale)):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                p.error(f"{flag}: {exc}")
+    if args.tiles == 1 and (args.tile_reduce is not None or args.tile_scale is not None):
+        p.error("--tile-reduce and --tile-scale need --tiles N (5, or a square such as 4, 9, 16)")
+    args.tile_settings = TileSettings(args.tiles, args.tile_reduce or "mean",
+                                      DEFAULT_TILE_SCALE if args.tile_scale is None else args.tile_scale)
     for name in ("batch_size", "grid", "pool_limit", "saliency_steps", "saliency_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -69,7 +94,8 @@ def main(argv=None) -> int:
     try:
         report = build_report(args.runs, args.data, out, pool=args.pool, truth=args.truth, batch_size=args.batch_size,
                               top_k=args.top_k, grid=args.grid, workers=args.workers, device=args.device,
-                              pool_limit=args.pool_limit, precision=args.precision, saliency=saliency)
+                              pool_limit=args.pool_limit, precision=args.precision, saliency=saliency,
+                              tiles=args.tile_settings)
     except (ReportError, LabeledSetError, DataSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -77,6 +103,8 @@ def main(argv=None) -> int:
     names = report["run_names"]
     width = max(12, *(len(n) for n in names))
     print(f"\n{report['num_images']} images from {report['data']}")
+    if args.tile_settings.on:
+        print(f"tiles: {args.tile_settings.describe()}")
     print(f"{'metric':<24}" + "".join(f"{n:>{width + 2}}" for n in names))
     for key, _, better in TABLE_ROWS:
         if key.startswith("recall_"):

@@ -35,6 +35,16 @@ its model's config (size, normalisation, thresholds), so `--model` is not needed
 too, the file must have been exported from it. Its fingerprint differs from torch's, so a
 resumed export never mixes the two backends' shards.
 
+`--tiles N` (5: four corners and the centre; k*k: a k x k grid; 1, the default: off) scores
+each image as N views of side S cut from the image resized so its shorter side is
+`--tile-scale` x S (default 2.0; a smaller image is upscaled), and reduces their bracket
+distributions with `--tile-reduce` (mean, the default: their average; median, min, max: the
+distribution of the tile with the median (lower median for an even N), lowest or highest
+expected score), see aessl/tiles.py. The batch of B images becomes B * N views through the
+same scoring path (torch or ONNX), so the columns stay the same; --batch-size still counts
+images. The settings are part of the fingerprint and the manifest (`tiles`): a resume with
+other tile settings is refused like any other change.
+
 When all shards exist the main process writes `errors.jsonl` (row, path, reason of every
 unreadable image), `manifest.json` (`complete: true`) and, with `--top N`, `top.csv`,
 `top_grid.jpg` and optionally `top/` (links or copies named `0001_<name>`, the name cut
@@ -80,6 +90,8 @@ from .models import files_sha256, load_model_folder, model_sha256, resolve_model
 from .onnx_backend import OnnxError, OnnxScorer, check_same_model
 from .scoring import PRECISIONS, bracket_probs, resolve_precision
 from .targets import target_of
+from .tiles import (DEFAULT_TILE_SCALE, TILE_REDUCES, TileSettings, TileTransform, check_scale, check_tiles,
+                    flatten_tiles, reduce_scored, tile_item)
 from .transforms import eval_transform
 
 log = logging.getLogger("aessl.export")
@@ -133,8 +145,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--onnx", default=None, metavar="FILE",
                    help="an .onnx file written by ssl/export_onnx.py (implies --backend onnx; needs no --model)")
     p.add_argument("--overwrite", action="store_true", help="replace an export of different settings in OUT")
+    p.add_argument("--tiles", type=int, default=1, metavar="N",
+                   help="tiled inference: score N views of each image and reduce them (5: four corners + centre; "
+                        "k*k, e.g. 4, 9, 16: a k x k grid; default 1: off, the normal eval view)")
+    p.add_argument("--tile-reduce", choices=TILE_REDUCES, default=None,
+                   help="how the N tiles' distributions become one (default mean; median/min/max: the tile with the "
+                        "median/lowest/highest expected score)")
+    p.add_argument("--tile-scale", type=float, default=None, metavar="F",
+                   help=f"resize the shorter side to F x the model's image size before cutting tiles "
+                        f"(default {DEFAULT_TILE_SCALE:g}; >= 1)")
     args = p.parse_args(argv)
     problems = backend_problems(args)
+    problems += tile_problems(args)
     if args.batch_size < 1:
         problems.append("--batch-size must be >= 1")
     if args.workers is None:  # 8 GPUs x 8 workers on a 16-core box would only thrash
@@ -174,6 +196,28 @@ def backend_problems(args) -> list[str]:
     if args.onnx:
         return ["--onnx is for --backend onnx"]
     return [] if args.model else ["--model is required (or --onnx FILE with --backend onnx)"]
+
+
+def tile_problems(args) -> list[str]:
+    """Settle args.tile_settings (aessl.tiles.TileSettings) from --tiles, --tile-reduce and
+    --tile-scale, and say what does not fit."""
+    problems = []
+    for flag, check, value in (("--tiles", check_tiles, args.tiles), ("--tile-scale", check_scale, args.tile_scale)):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                problems.append(f"{flag}: {exc}")
+    if args.tiles == 1 and (args.tile_reduce is not None or args.tile_scale is not None):
+        problems.append("--tile-reduce and --tile-scale need --tiles N (5, or a square such as 4, 9, 16)")
+    args.tile_settings = None if problems else TileSettings(
+        args.tiles, args.tile_reduce or "mean", DEFAULT_TILE_SCALE if args.tile_scale is None else args.tile_scale)
+    return problems
+
+
+def tiles_of(args) -> TileSettings:
+    """The export's tiling (off for arguments made without parse_args)."""
+    return getattr(args, "tile_settings", None) or TileSettings()
 
 
 def resolve_thresholds(info: dict, where: str) -> tuple[list[float], str]:
@@ -253,10 +297,12 @@ class _LastRow:
 
 
 class ExportDataset(EvalDataset):
-    """EvalDataset plus each row's name; any failure on one row is that row's skip, never a crash."""
+    """EvalDataset plus each row's name; any failure on one row is that row's skip, never a crash.
+    With a TileTransform (--tiles N) `x` is the image's [N, 3, S, S] views (aessl/tiles.py)."""
 
     def __init__(self, table, transform, image_size: int):
         super().__init__(_LastRow(table), transform, image_size)
+        self.tiles = transform if isinstance(transform, TileTransform) else None
 
     def __getitem__(self, i):
         i = int(i)
@@ -264,6 +310,8 @@ class ExportDataset(EvalDataset):
             row = self.table[i]
             if "image" in row and row["image"] is None and not row.get("path"):
                 item = self._failed(i, "no image in this row")
+            elif self.tiles is not None:
+                item = tile_item(self.table, i, self.tiles)
             else:
                 item = super().__getitem__(i)
             item["name"] = row_name(row) if (row.get("image") is not None or row.get("path")) else ""
@@ -273,7 +321,8 @@ class ExportDataset(EvalDataset):
         return item
 
     def _failed(self, i: int, reason: str) -> dict:
-        return {"index": i, "x": torch.zeros(3, self.image_size, self.image_size), "ok": False, "reason": reason}
+        x = self.tiles.blank() if self.tiles is not None else torch.zeros(3, self.image_size, self.image_size)
+        return {"index": i, "x": x, "ok": False, "reason": reason}
 
 
 def stream_rows(pool, chunk: int = 256):
@@ -724,6 +773,8 @@ def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_sour
         }
         if args.backend == "onnx":  # (absent for torch: the fingerprints of earlier exports stay valid)
             spec["backend"] = "onnx"
+        if tiles_of(args).on:  # (absent when off, likewise)
+            spec["tiles"] = tiles_of(args).record()
         fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
         head = {
             "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint, "spec": spec,
@@ -732,6 +783,7 @@ def agree_on_out(args, out: Path, folder: Path, info: dict, thresholds, thr_sour
                       "default_threshold": DEFAULT_THRESHOLD, "backend": args.backend},
             "source": {"images": source, "kind": ident["kind"], "rows": ident["rows"], "streaming": bool(args.streaming)},
             "shard_size": args.shard_size, "score_band_percent": band, "precision": spec["precision"],
+            "tiles": tiles_of(args).record(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         try:
@@ -797,7 +849,8 @@ def run_export(args, accelerator, device, dtype, inputs, ident, out: Path, broad
     fingerprint, head, done = state["fingerprint"], state["head"], set(state["done"])
     meta_base = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "fingerprint": fingerprint,
                  "model_folder": head["model"]["folder"], "architecture": info["architecture"],
-                 "thresholds": thresholds, "thresholds_source": thr_source, "score_band_percent": head["score_band_percent"]}
+                 "thresholds": thresholds, "thresholds_source": thr_source, "score_band_percent": head["score_band_percent"],
+                 "tiles": head["tiles"]}
     t0 = time.time()
     counts = score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_base, rank, world, is_main)
     all_counts = gather_object([counts])
@@ -819,7 +872,7 @@ def score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_
     bar = tqdm(total=my_rows, disable=not is_main, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
     writer = ShardWriter(args.shard_size, bounds, out, meta_base, int(info.get("confidence_radius", 0)), rank, world,
                          bar)
-    for probs, batch in scored_batches(model, loader, device, dtype, info):
+    for probs, batch in scored_batches(model, loader, device, dtype, info, tiles_of(args)):
         writer.add(probs, batch)
     bar.close()
     if writer.buffers:
@@ -827,19 +880,28 @@ def score_shards(args, model, info, pool, ident, done, device, dtype, out, meta_
     return writer.counts
 
 
-def scored_batches(model, loader, device, dtype, info):
+def scored_batches(model, loader, device, dtype, info, tiles: TileSettings | None = None):
     """The backend seam: (probabilities on the host, batch) from torch's scoring loop, or
-    from onnxruntime for an ONNX scorer; the same loader (eval transform) feeds both."""
+    from onnxruntime for an ONNX scorer; the same loader (eval transform) feeds both. With
+    tiles on, each batch's [B, n, 3, S, S] views are scored as B * n images and reduced back
+    to B rows here, whichever backend scores them."""
+    tiled = tiles is not None and tiles.on
+    if tiled:
+        loader = flatten_tiles(loader)
     if isinstance(model, OnnxScorer):
-        return model.bracket_probs(loader)
-    return bracket_probs(model, loader, device, dtype, channels_last=True, target=target_of(info))
+        scored = model.bracket_probs(loader)
+    else:
+        scored = bracket_probs(model, loader, device, dtype, channels_last=True, target=target_of(info))
+    return reduce_scored(scored, tiles.reduce) if tiled else scored
 
 
 def shard_loader(args, info, pool, ident, done, device, rank: int, world: int):
     """(loader, {shard: (start, end)} or None when streamed, this process's row count or
     None): batches of this process's unfinished shards, a batch never spanning two."""
     S, B, W = args.shard_size, args.batch_size, args.workers
-    tf, size = eval_transform(info), int(info["image_size"])
+    tiles = tiles_of(args)
+    tf = tiles.transform(info) if tiles.on else eval_transform(info)
+    size = int(info["image_size"])
     # pinned pages: async host-to-GPU copies
     kw = dict(num_workers=W, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
     if W > 0:
@@ -968,7 +1030,8 @@ def finish_export(args, out: Path, pool, ident: dict, head: dict, done: set, ses
     resumed = f", {len(done)} of {expected} shard(s) already done" if done else ""
     print(f"export: {manifest['rows_written']} rows written ({manifest['rows_scored']} scored, "
           f"{manifest['unreadable']} unreadable) to {out} | this run: {seen} images in {elapsed:.1f}s, "
-          f"{rate} images/s, {world} process(es) on {device.type}{resumed}")
+          f"{rate} images/s, {world} process(es) on {device.type}{resumed}"
+          + (f" | tiles: {tiles_of(args).describe()}" if tiles_of(args).on else ""))
     if top:
         print(f"top {top['rows']}: {out / 'top.csv'}"
               + (f", {out / top['grid']}" if top["grid"] else "")

@@ -6,7 +6,9 @@ Pieces, each usable alone:
 - `open_run(path)`: a run folder or a bare `model/` folder -> `RunInput` (model config,
   training curves from metrics.jsonl, run.json, split);
 - `predict_probs(model, info, table)`: bracket probabilities (aessl/targets.py) of every row of a table
-  (an `EvalDataset` through a `DataLoader`), with the rows that could not be read;
+  (an `EvalDataset` through a `DataLoader`), with the rows that could not be read; with
+  `tiles=TileSettings(n, reduce, scale)` each row is scored as n tile views and reduced
+  (aessl/tiles.py; `predict_tile_probs` gives the per-tile probabilities unreduced);
 - `calibration(probs, true_bracket)`: reliability bins and expected calibration error;
 - `plot_*`: matplotlib figures (Agg, no pyplot state);
 - `build_report(...)`: all of the above, written into one folder.
@@ -54,6 +56,7 @@ from .models import load_model_folder, resolve_model_folder
 from .saliency import METHOD as SALIENCY_METHOD, SaliencyOptions, overlay_tile, saliency_maps
 from .scoring import bracket_probs, resolve_precision
 from .targets import target_of
+from .tiles import TiledEvalDataset, TileSettings, flatten_tiles, reduce_tiles
 from .transforms import eval_transform
 from .metrics import (BRACKETS, DEFAULT_THRESHOLD, HIGH_SCORE_MIN, LOW_BRACKET_MAX, NUM_BRACKETS, bracket_of, compute_metrics,
                       accepted_by_threshold, confidence, default_top_k, expected_score,
@@ -216,22 +219,48 @@ def test_set_identity(run: RunInput) -> str | None:
 
 
 def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int = 0, device="cpu",
-                  desc: str | None = None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  desc: str | None = None, precision: str = "auto",
+                  tiles: TileSettings | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Softmax over the 11 logits for every row of `table` (a datasets table with `path` or
     `image`), in row order. Returns (probs N x 11, ok mask N, reason per row ('' if ok));
     rows that could not be read have ok=False and NaN probabilities. `model` must already
     be on `device`; precision as export's --precision (auto: bf16 autocast on CUDA, fp32 on
-    CPU), the softmax always in float32 (aessl/scoring.py)."""
-    device = torch.device(device)
+    CPU), the softmax always in float32 (aessl/scoring.py). `tiles` with n > 1: each row is
+    scored as its n tile views (aessl/tiles.py) and they are reduced with `tiles.reduce`."""
+    if tiles is not None and tiles.on:
+        per_tile, ok, reasons = predict_tile_probs(model, info, table, tiles.n, tiles.scale, batch_size, workers,
+                                                   device, desc, precision)
+        probs = np.full((len(ok), NUM_BRACKETS), np.nan, dtype=np.float64)
+        probs[ok] = reduce_tiles(per_tile[ok], tiles.reduce)
+        return probs, ok, reasons
     dataset = EvalDataset(table, eval_transform(info), int(info["image_size"]))
+    return _score_dataset(model, info, dataset, batch_size, workers, device, desc, precision)
+
+
+def predict_tile_probs(model, info: dict, table, n: int, scale: float = 2.0, batch_size: int = 64, workers: int = 0,
+                       device="cpu", desc: str | None = None,
+                       precision: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """predict_probs of every tile: (probs N x n x 11, ok N, reasons), the n tile views of
+    each row (aessl/tiles.py tile_views) scored as B * n images a batch of B rows; reduce
+    them with tiles.reduce_tiles (one scoring pass serves every reduce)."""
+    dataset = TiledEvalDataset(table, info, n, scale)
+    return _score_dataset(model, info, dataset, batch_size, workers, device, desc, precision, views=int(n))
+
+
+def _score_dataset(model, info: dict, dataset, batch_size: int, workers: int, device, desc: str | None,
+                   precision: str, views: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    device = torch.device(device)
     # pinned pages only where a GPU copies from them (non_blocking)
     loader = DataLoader(dataset, batch_size=int(batch_size), num_workers=int(workers), shuffle=False,
                         worker_init_fn=worker_init if workers else None, pin_memory=device.type == "cuda")
     n = len(dataset)
-    probs = np.full((n, NUM_BRACKETS), np.nan, dtype=np.float64)
+    shape = (n, NUM_BRACKETS) if views == 1 else (n, views, NUM_BRACKETS)
+    probs = np.full(shape, np.nan, dtype=np.float64)
     ok = np.zeros(n, dtype=bool)
     reasons = [""] * n
     batches = tqdm(loader, desc=desc or "score", disable=n <= batch_size, leave=False, dynamic_ncols=True)
+    if views > 1:
+        batches = flatten_tiles(batches)
     # A batch's unreadable rows are zero images; they are scored with it and dropped here.
     for p, batch in bracket_probs(model, batches, device, resolve_precision(precision, device), target=target_of(info)):
         idx = batch["index"].numpy()
@@ -239,7 +268,7 @@ def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int =
         for i, g, r in zip(idx, good, batch["reason"]):
             if not g:
                 reasons[i] = r
-        probs[idx[good]] = p.numpy()[good]
+        probs[idx[good]] = p.numpy().reshape((len(idx),) + shape[1:])[good]
         ok[idx[good]] = True
     return probs, ok, reasons
 
@@ -616,10 +645,15 @@ class _Scoring:
     workers: int
     device: object
     precision: str
+    tiles: TileSettings | None = None  # tiled inference (aessl/tiles.py); None or n == 1: the eval view
 
     def probs(self, model, info: dict, table, desc: str):
         return predict_probs(model, info, table, self.batch_size, self.workers, self.device, desc=desc,
-                             precision=self.precision)
+                             precision=self.precision, tiles=self.tiles)
+
+    @property
+    def tile_record(self) -> dict:
+        return (self.tiles or TileSettings()).record()
 
 
 @dataclass
@@ -650,13 +684,16 @@ class _Pool:
 def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool: str | Path | None = None,
                  truth: str | Path | None = None, batch_size: int = 64, top_k: int | None = None, grid: int = 12,
                  workers: int | None = None, device: str | None = None, pool_limit: int | None = None,
-                 precision: str = "auto", saliency: SaliencyOptions | None = None) -> dict:
+                 precision: str = "auto", saliency: SaliencyOptions | None = None,
+                 tiles: TileSettings | None = None) -> dict:
     """Score `data` (and `pool`) with every run and write the report into `out`.
 
     Returns what metrics.json holds. Raises ReportError / LabeledSetError / DataSourceError
     on bad inputs before anything is written. `device`: auto (None), cpu, cuda or cuda:N;
     `precision`: auto (bf16 autocast on CUDA), fp32, bf16 or fp16. `saliency`: also draw an
-    integrated-gradients map beside every image of the grids (aessl/saliency.py); None: not."""
+    integrated-gradients map beside every image of the grids (aessl/saliency.py); None: not.
+    `tiles`: score the set (and the pool) with tiled inference (aessl/tiles.py; None: off);
+    metrics.json records it under `tiles` (and each run's entry too)."""
     if not runs:
         raise ReportError("give at least one run or model folder")
     try:
@@ -675,13 +712,18 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     # validated whole: a bad image stops here with the full list
     table = _read_input("--data", data, lambda: load_scored_set(data))
     pool_table = _read_input("--pool", pool, lambda: load_pool(str(pool), limit=pool_limit)) if pool else None
-    scoring = _Scoring(batch_size, min(4, os.cpu_count() or 1) if workers is None else int(workers), device, precision)
+    scoring = _Scoring(batch_size, min(4, os.cpu_count() or 1) if workers is None else int(workers), device, precision,
+                       tiles)
 
     paths = list(table["path"])
     true_score = np.asarray(table["score"], dtype=np.float64)
     scored = _ScoredSet(table, paths, true_score, bracket_of(true_score),
                         int(top_k) if top_k else default_top_k(len(paths)), _raters_of(table))
     notes = _data_notes(inputs, data, paths)
+    if tiles is not None and tiles.on:
+        notes.append(f"tiled inference: every model scored each image as {tiles.describe()} (aessl/tiles.py); "
+                     "the figures are those of the reduced scores; the image grids and saliency maps show the "
+                     "whole image and its normal eval view.")
     pool_state = _Pool(pool, pool_table, truth_file) if pool_table is not None else None
     results: dict[str, dict] = {}
     pred_frames, pool_frames = [], []
@@ -706,6 +748,7 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
         write_bytes_atomic(out / img.file, img.data)
 
     report = _report_dict(data, scored, results, pool_state, notes, saliency)
+    report["tiles"] = scoring.tile_record
     write_bytes_atomic(out / "metrics.json", json.dumps(report, indent=1).encode())
     _write_predictions(out, pred_frames, pool_frames)
     write_bytes_atomic(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
@@ -727,6 +770,7 @@ def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool
         bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
         raise ReportError(f"{len(bad)} scored image(s) became unreadable: " + "; ".join(bad[:5]))
     entry = _run_entry(inp, probs, scored)
+    entry["tiles"] = scoring.tile_record
     if saliency is not None:
         entry["saliency"], entry["overlays"] = _grid_saliency(inp, model, scoring.device, scored, probs, grid, saliency)
     frame = _prediction_frame(inp.name, probs, scored)
@@ -1188,6 +1232,9 @@ def _run_fields(r: dict) -> list[tuple[str, object]]:
               ("algorithm", r.get("algorithm") or "—"), ("target", r.get("target") or "classification"),
               ("trained steps", r.get("trained_steps") or "—"),
               ("pseudo-label thresholds", _thresholds_text(r.get("model_thresholds") or []))]
+    tiles = r.get("tiles") or {"n": 1}
+    if tiles.get("n", 1) > 1:
+        fields.append(("tiled inference", TileSettings(tiles["n"], tiles["reduce"], tiles["scale"]).describe()))
     lt = r.get("last_training_eval")
     if lt:
         fields.append(("last training eval", f"step {lt.get('step')}: MAE {_fmt(lt.get('mae'))}, QWK {_fmt(lt.get('qwk'))}, "
