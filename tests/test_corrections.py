@@ -175,6 +175,16 @@ def test_training_on_corrections(world, capsys):
     assert sum(info["train_histogram"]) == info["train_images"]
     assert info["train_histogram"][10] == 4 + 1 and info["train_histogram"][8] == 4 + 1
 
+    # the report shows the corrected images, scored by the model trained on them
+    from aessl.report import build_report
+    rep = build_report([run], world["test"], root / "report", workers=0)
+    c = rep["runs"]["fix"]["corrections"]
+    assert (c["images"], c["accept"], c["rescore"], c["reject"], c["unreadable"]) == (6, 1, 3, 2, 0)
+    assert 0 <= c["labels_mae"] <= 10 and 0 <= c["rejected_mean_percent"] <= 100 and c["sha256"] == info["corrections"]["sha256"]
+    assert (root / "report" / "grid_corrected_fix.png").is_file()
+    html = (root / "report" / "report.html").read_text()
+    assert "Corrected images" in html and "6 image(s) decided" in html
+
     # the file changes (a review goes on) and the run is resumed: refused, nothing lost
     changed = root / "changed.csv"
     shutil.copy(world["file"], changed)

@@ -47,7 +47,7 @@ from sklearn.metrics import confusion_matrix
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import grids, runfolder
+from . import corrections, grids, runfolder
 from .data import (MANIFEST_SUFFIXES, DataSourceError, EvalDataset, LabeledSetError, load_pool, load_scored_set,
                    read_manifest, row_name, row_source, scan_labeled_folder, worker_init)
 from .export import resolve_device
@@ -502,7 +502,8 @@ def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX, over
     overlays: one size x size tile per item (the saliency map over the model's view, or None),
     shown right of its thumbnail; the caption is then centred under the pair.
 
-    items: {'path', 'true' (bracket or None), 'percent', 'alert' (bool: red caption)}."""
+    items: {'path', 'true' (bracket or None), 'percent', 'alert' (bool: red caption)[, 'caption'
+    (replaces the 'true · pred' line)]}."""
     if not items:
         return None
     cols = max(1, min(cols, len(items)))
@@ -523,7 +524,8 @@ def plot_image_grid(items: list[dict], cols: int = 6, size: int = THUMB_PX, over
             x = (pad + c * (tw + pad) + tw / 2) / W
             y0 = H - pad - r * (size + cap) - size  # the tile's bottom edge, in pixels from the bottom
             true = "?" if it.get("true") is None else str(it["true"])
-            fig.text(x, (y0 - 4) / H, f"true {true} · pred {math.floor(it['percent'])}%", ha="center", va="top",
+            caption = it.get("caption") or f"true {true} · pred {math.floor(it['percent'])}%"
+            fig.text(x, (y0 - 4) / H, caption, ha="center", va="top",
                      fontsize=11, color="#c00000" if it.get("alert") else "#111", weight="bold")
             fig.text(x, (y0 - 21) / H, _short(Path(str(it["path"])).name, 30), ha="center", va="top",
                      fontsize=8, color="#666")
@@ -751,7 +753,8 @@ def build_report(runs: list[str | Path], data: str | Path, out: str | Path, pool
     report["tiles"] = scoring.tile_record
     write_bytes_atomic(out / "metrics.json", json.dumps(report, indent=1).encode())
     _write_predictions(out, pred_frames, pool_frames)
-    write_bytes_atomic(out / "report.html", render_html(report, images, {g[0]: g for g in GRIDS}).encode())
+    shown = GRIDS + ([CORRECTED_GRID] if any(r.get("corrections") for r in report["runs"].values()) else [])
+    write_bytes_atomic(out / "report.html", render_html(report, images, {g[0]: g for g in shown}).encode())
     return report
 
 
@@ -773,11 +776,71 @@ def _score_run(inp: RunInput, scoring: _Scoring, scored: _ScoredSet, pool: _Pool
     entry["tiles"] = scoring.tile_record
     if saliency is not None:
         entry["saliency"], entry["overlays"] = _grid_saliency(inp, model, scoring.device, scored, probs, grid, saliency)
+    corrected = _score_corrections(inp, model, scoring, notes)
+    if corrected is not None:
+        entry["corrections"], entry["corrected_items"] = corrected
     frame = _prediction_frame(inp.name, probs, scored)
     pool_frame = None
     if pool is not None:
         entry["pool"], pool_frame = _score_pool(inp, model, scoring, pool, notes)
     return entry, frame, pool_frame
+
+
+CORRECTED_SHOWN = 36  # corrected images drawn per run (the latest decisions)
+CORRECTED_GRID = ("corrected", "Corrected images",
+                  "The images a review decided (the run's data.corrections, made in ssl/app.py), latest first, scored "
+                  "by the model trained on them. Caption: the decision and the person's score · the model's percent "
+                  "now; red = the model is still 2 or more brackets from the person's score, or a rejected image "
+                  "scores 50% or more.")
+
+
+def _score_corrections(inp: RunInput, model, scoring: _Scoring, notes: list[str]):
+    """(summary for metrics.json, grid items) of the images the run's data.corrections decided,
+    scored by this run's model; None when the run trained on no corrections. The summary
+    says whether training took them in: the model's MAE and within-one-bracket share against
+    the person's scores, and how the rejected images score now."""
+    applied = (inp.run_json or {}).get("corrections")
+    if not applied:
+        return None
+    files = list(applied.get("files") or [])
+    try:
+        corr = corrections.read_corrections(files)
+    except corrections.CorrectionsError as exc:
+        notes.append(f"{inp.name} trained on data.corrections, which cannot be read now ({exc}): not shown")
+        return None
+    if corr.digest != applied.get("sha256"):
+        notes.append(f"{inp.name}: {', '.join(files)} changed after the run trained on it; the corrected images are "
+                     "shown as the file is now")
+    import datasets
+
+    rows = list(corr.last.values())
+    table = datasets.Dataset.from_dict({"path": [r["path"] for r in rows]})
+    probs, ok, reasons = scoring.probs(model, inp.info, table, f"corrections {inp.name}")
+    score = expected_score(probs)
+    labels = np.asarray([ok[i] and rows[i]["decision"] != "reject" for i in range(len(rows))], dtype=bool)
+    rejects = np.asarray([ok[i] and rows[i]["decision"] == "reject" for i in range(len(rows))], dtype=bool)
+    person = np.asarray([r["score"] if r["score"] is not None else np.nan for r in rows], dtype=np.float64)
+    err = np.abs(score - person)
+    summary = {**{k: applied.get(k) for k in ("files", "sha256", "accept", "rescore", "reject", "labels_added",
+                                               "labels_replaced", "labels_removed", "test_images_left_out")},
+               "images": len(rows), "unreadable": int((~ok).sum()),
+               "unreadable_examples": [{"path": rows[i]["path"], "reason": reasons[i]} for i in np.flatnonzero(~ok)[:20]],
+               "labels_mae": float(err[labels].mean()) if labels.any() else None,
+               "labels_within_1": float((err[labels] <= 1.0).mean()) if labels.any() else None,
+               "rejected_mean_percent": float(10 * score[rejects].mean()) if rejects.any() else None,
+               "rejected_at_50_percent": int((10 * score[rejects] >= 50).sum()) if rejects.any() else None}
+    items = []
+    for i in reversed(range(len(rows))):
+        if not ok[i] or len(items) >= CORRECTED_SHOWN:
+            continue
+        r, pct = rows[i], 10 * score[i]
+        said = "reject" if r["decision"] == "reject" else f"{r['decision']} {r['score']:.1f}"
+        items.append({"path": r["path"], "row": i, "true": None, "percent": pct,
+                      "caption": f"{said} · pred {math.floor(pct)}%",
+                      "alert": bool(pct >= 50 if r["decision"] == "reject" else err[i] >= 2.0)})
+    log.info("corrections of %s: %d image(s); model vs person MAE %s, %d rejected", inp.name, len(rows),
+             "-" if summary["labels_mae"] is None else f"{summary['labels_mae']:.3f}", int(rejects.sum()))
+    return summary, items
 
 
 def _grid_saliency(inp: RunInput, model, device, scored: _ScoredSet, probs: np.ndarray, grid: int,
@@ -938,6 +1001,8 @@ def _draw_figures(results: dict[str, dict], histories: dict[str, list[dict]], sc
             # a thumbnail and its map side by side: 3 pairs a row keep the page as wide as 6 thumbnails
             keep(f"grid_{kind}/{name}", f"grid_{kind}_{s}.png",
                  plot_image_grid(items, cols=6 if overlays is None else 3, overlays=overlays))
+        if r.get("corrected_items"):
+            keep(f"grid_corrected/{name}", f"grid_corrected_{s}.png", plot_image_grid(r["corrected_items"]))
         pq = (r.get("pool") or {}).get("pseudo_label_quality")
         if pq:
             keep(f"pseudo/{name}", f"pseudo_quality_{s}.png", plot_pseudo_quality(pq, r["pool"]["truth_counts"]))
@@ -968,7 +1033,7 @@ def _report_dict(data, scored: _ScoredSet, results: dict[str, dict], pool: _Pool
         "generated": datetime.now().isoformat(timespec="seconds"),
         "saliency": None if saliency is None else {"method": SALIENCY_METHOD, "baseline": saliency.baseline,
                                                    "steps": saliency.steps, "target": "expected score"},
-        "runs": {n: {k: v for k, v in r.items() if k not in ("probs", "calibration", "overlays")} | {
+        "runs": {n: {k: v for k, v in r.items() if k not in ("probs", "calibration", "overlays", "corrected_items")} | {
             "calibration_bins": {kk: r["calibration"][kk] for kk in ("count", "accuracy", "confidence")}}
             for n, r in results.items()},
     }
@@ -1185,7 +1250,9 @@ def _grid_sections(names: list[str], images: dict[str, Png], grids: dict) -> lis
         items = []
         for n in names:
             img = images.get(f"grid_{kind}/{n}")
-            items.append({"name": n, "alt": f"{title} {n}", "uri": _uri(img) if img else None})
+            items.append({"name": n, "alt": f"{title} {n}", "uri": _uri(img) if img else None,
+                          "empty": "this run trained on no corrections" if kind == "corrected" else
+                          "no such images in the scored set"})
         sections.append({"title": title, "caption": caption, "grids": items})
     return sections
 
@@ -1225,6 +1292,10 @@ def _thresholds_text(thr: list) -> str:
     return ", ".join(f"{b}: {t:.2f}" for b, t in enumerate(thr))
 
 
+def _percent(v) -> str:
+    return "—" if v is None else f"{v:.0f}%"
+
+
 def _run_fields(r: dict) -> list[tuple[str, object]]:
     """(label, value) pairs of one run's details."""
     fields = [("input", r["source"]), ("model folder", r["model_dir"]), ("run folder", r["run_dir"] or "—"),
@@ -1235,6 +1306,13 @@ def _run_fields(r: dict) -> list[tuple[str, object]]:
     tiles = r.get("tiles") or {"n": 1}
     if tiles.get("n", 1) > 1:
         fields.append(("tiled inference", TileSettings(tiles["n"], tiles["reduce"], tiles["scale"]).describe()))
+    c = r.get("corrections")
+    if c:
+        fields.append(("corrections", f"{c['images']} image(s) decided in {', '.join(c.get('files') or [])} "
+                                      f"({c.get('accept')} accepted, {c.get('rescore')} re-scored, {c.get('reject')} "
+                                      f"rejected); the model now: MAE {_fmt(c.get('labels_mae'))} against the "
+                                      f"person's scores, rejected images at {_percent(c.get('rejected_mean_percent'))} "
+                                      "on average"))
     lt = r.get("last_training_eval")
     if lt:
         fields.append(("last training eval", f"step {lt.get('step')}: MAE {_fmt(lt.get('mae'))}, QWK {_fmt(lt.get('qwk'))}, "
