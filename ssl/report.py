@@ -57,18 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--tile-scale", type=float, default=None, metavar="F",
                    help="resize the shorter side to F x the model's image size before cutting tiles (default 2; >= 1)")
     args = p.parse_args(argv)
-    from aessl.tiles import DEFAULT_TILE_SCALE, TileSettings, check_scale, check_tiles
+    from aessl.tiles import settings_from_flags
 
-    for flag, check, value in (("--tiles", check_tiles, args.tiles), ("--tile-scale", check_scale, args.tile_scale)):
-        if value is not None:
-            try:
-                check(value)
-            except ValueError as exc:
-                p.error(f"{flag}: {exc}")
-    if args.tiles == 1 and (args.tile_reduce is not None or args.tile_scale is not None):
-        p.error("--tile-reduce and --tile-scale need --tiles N (5, or a square such as 4, 9, 16)")
-    args.tile_settings = TileSettings(args.tiles, args.tile_reduce or "mean",
-                                      DEFAULT_TILE_SCALE if args.tile_scale is None else args.tile_scale)
+    args.tile_settings, problems = settings_from_flags(args.tiles, args.tile_reduce, args.tile_scale)
+    if problems:
+        p.error("; ".join(problems))
     for name in ("batch_size", "grid", "pool_limit", "saliency_steps", "saliency_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

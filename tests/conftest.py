@@ -52,6 +52,22 @@ def make_pool(root: Path, n: int = 40, seed: int = 1, size: int = 24) -> Path:
     return root
 
 
+def random_model(folder: Path, seed: int, thresholds=(), size: int = 32) -> Path:
+    """A test_resnet model folder written without training, its logits spread so scores and
+    brackets differ between images; returns the folder above it (a run folder: --model takes
+    either). thresholds: the per-bracket acceptance thresholds recorded (none: the default)."""
+    import torch
+
+    from aessl.models import build_model, save_model_folder
+
+    torch.manual_seed(seed)
+    model, info = build_model({"name": "test_resnet", "pretrained": False}, size)
+    with torch.no_grad():  # random logits are near zero: spread them
+        model.backbone.get_classifier().weight.mul_(40)
+    save_model_folder(model, info, folder, {"thresholds": list(thresholds)})
+    return folder.parent
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("toy")

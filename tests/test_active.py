@@ -10,23 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from conftest import make_pool, script_in_process
+from conftest import make_pool, random_model, script_in_process
 
 from aessl import active
 from aessl import export as ex
-from aessl.models import build_model, save_model_folder
-
-
-def random_model(folder: Path, seed: int) -> Path:
-    """A model folder without training (as tests/test_export.py makes one)."""
-    torch.manual_seed(seed)
-    model, info = build_model({"name": "test_resnet", "pretrained": False}, 32)
-    with torch.no_grad():  # random logits are near zero; spread them so scores and brackets differ
-        model.backbone.get_classifier().weight.mul_(40)
-    save_model_folder(model, info, folder, {"thresholds": []})
-    return folder.parent
 
 
 def one_hot(*brackets_and_mass) -> np.ndarray:

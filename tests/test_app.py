@@ -12,25 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_pool, script_in_process
+from conftest import make_pool, random_model, script_in_process
 
 from aessl import app as A
 from aessl import export as ex
 from aessl.corrections import read_corrections
-from aessl.models import build_model, save_model_folder
 
 THRESHOLDS = [0.25] * 11  # with seed 4 below: brackets 1, 5 and 7, both verdicts
 GOOD = 14
-
-
-def random_model(folder: Path, seed: int, thresholds) -> Path:
-    """A model folder without training (as tests/test_export.py makes one)."""
-    torch.manual_seed(seed)
-    model, info = build_model({"name": "test_resnet", "pretrained": False}, 32)
-    with torch.no_grad():  # random logits are near zero; spread them so scores and brackets differ
-        model.backbone.get_classifier().weight.mul_(40)
-    save_model_folder(model, info, folder, {"thresholds": thresholds})
-    return folder.parent
 
 
 @pytest.fixture(scope="module")

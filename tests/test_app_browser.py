@@ -20,12 +20,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, random_model
 
 from aessl import export as ex
-from aessl.models import build_model, save_model_folder
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,16 +52,6 @@ def _missing() -> str | None:
     if driver is None:
         missing.append("chromedriver")
     return f"{', '.join(missing)} missing: {INSTALL}" if missing else None
-
-
-def random_model(folder: Path, seed: int, thresholds) -> Path:
-    """A model folder without training (as tests/test_export.py makes one)."""
-    torch.manual_seed(seed)
-    model, info = build_model({"name": "test_resnet", "pretrained": False}, 32)
-    with torch.no_grad():
-        model.backbone.get_classifier().weight.mul_(40)
-    save_model_folder(model, info, folder, {"thresholds": thresholds})
-    return folder.parent
 
 
 def wait_for_server(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:

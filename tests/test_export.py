@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_pool, run_script, toy_image, two_process_launcher
+from conftest import make_pool, random_model, run_script, toy_image, two_process_launcher
 
 from aessl import export as ex
 from aessl import faults
 from aessl.locks import FolderLock
-from aessl.models import build_model, save_model_folder
 
 THRESHOLDS = [0.3, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.25, 0.3]
 GOOD = 18  # readable images in the pool
@@ -31,15 +30,6 @@ BAD = {  # unreadable files mixed in, and a word their reason must contain
     "broken/zero.png": "empty",
     "notes.png": "not an image",
 }
-
-
-def random_model(folder: Path, seed: int, thresholds) -> Path:
-    torch.manual_seed(seed)
-    model, info = build_model({"name": "test_resnet", "pretrained": False}, 32)
-    with torch.no_grad():  # random logits are near zero; spread them so scores and brackets differ
-        model.backbone.get_classifier().weight.mul_(40)
-    save_model_folder(model, info, folder, {"thresholds": thresholds})
-    return folder.parent
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 from conftest import make_scored_set, report_main, script_in_process, toy_image
+from conftest import random_model as conftest_random_model
 
 from aessl import export as ex
 from aessl.data import load_scored_set
 from aessl.images import load_image
-from aessl.models import build_model, load_model_folder, save_model_folder
+from aessl.models import load_model_folder
 from aessl.report import predict_probs, predict_tile_probs
 from aessl.targets import target_of
 from aessl.tiles import TILE_REDUCES, TileSettings, check_tiles, reduce_tiles, tile_boxes, tile_views
@@ -31,12 +32,8 @@ GOOD = 10
 
 
 def random_model(folder: Path, seed: int) -> Path:
-    """tests/test_export.py's pattern: a test_resnet model folder without training."""
-    torch.manual_seed(seed)
-    model, info = build_model({"name": "test_resnet", "pretrained": False}, SIZE)
-    with torch.no_grad():  # random logits are near zero; spread them so tiles disagree visibly
-        model.backbone.get_classifier().weight.mul_(40)
-    save_model_folder(model, info, folder, {"thresholds": []})
+    """conftest's untrained model at this file's size; the model folder itself."""
+    conftest_random_model(folder, seed, size=SIZE)
     return folder
 
 

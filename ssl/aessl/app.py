@@ -187,6 +187,7 @@ class Scorer:
         problem. tiles > 1: score that many crops (aessl/tiles.py; reduce default mean,
         scale default 2), as export.py --tiles does."""
         from . import export as ex
+        from .tiles import settings_from_flags
 
         try:
             dev = ex.resolve_device(device)
@@ -195,20 +196,10 @@ class Scorer:
             thresholds, _ = ex.resolve_thresholds(info, where)
         except (ex.ExportError, ValueError) as exc:
             raise AppError(str(exc)) from None
-        settings = None
-        if tiles != 1:
-            try:
-                from .tiles import DEFAULT_TILE_SCALE, TileSettings  # lazily: only a tiled app needs it
-            except ImportError as exc:
-                raise AppError(f"--tiles needs aessl/tiles.py, which cannot be imported ({exc})") from None
-            try:
-                settings = TileSettings(tiles, tile_reduce or "mean",
-                                        DEFAULT_TILE_SCALE if tile_scale is None else float(tile_scale))
-            except ValueError as exc:
-                raise AppError(f"--tiles/--tile-reduce/--tile-scale: {exc}") from None
-        elif tile_reduce is not None or tile_scale is not None:
-            raise AppError("--tile-reduce and --tile-scale need --tiles N (5, or a square such as 4, 9, 16)")
-        return cls(net, info, folder, dev, thresholds, settings)
+        tiling, problems = settings_from_flags(tiles, tile_reduce, tile_scale)
+        if problems:
+            raise AppError("; ".join(problems))
+        return cls(net, info, folder, dev, thresholds, tiling if tiling.on else None)
 
     def describe(self) -> str:
         tiles = f"; {self.tiles.describe()}" if self.tiles is not None else ""

@@ -90,8 +90,8 @@ from .models import files_sha256, load_model_folder, model_sha256, resolve_model
 from .onnx_backend import OnnxError, OnnxScorer, check_same_model
 from .scoring import PRECISIONS, bracket_probs, resolve_precision
 from .targets import target_of
-from .tiles import (DEFAULT_TILE_SCALE, TILE_REDUCES, TileSettings, TileTransform, check_scale, check_tiles,
-                    flatten_tiles, reduce_scored, tile_item)
+from .tiles import (DEFAULT_TILE_SCALE, TILE_REDUCES, TileSettings, TileTransform, flatten_tiles, reduce_scored,
+                    settings_from_flags, tile_item)
 from .transforms import eval_transform
 
 log = logging.getLogger("aessl.export")
@@ -201,17 +201,7 @@ def backend_problems(args) -> list[str]:
 def tile_problems(args) -> list[str]:
     """Settle args.tile_settings (aessl.tiles.TileSettings) from --tiles, --tile-reduce and
     --tile-scale, and say what does not fit."""
-    problems = []
-    for flag, check, value in (("--tiles", check_tiles, args.tiles), ("--tile-scale", check_scale, args.tile_scale)):
-        if value is not None:
-            try:
-                check(value)
-            except ValueError as exc:
-                problems.append(f"{flag}: {exc}")
-    if args.tiles == 1 and (args.tile_reduce is not None or args.tile_scale is not None):
-        problems.append("--tile-reduce and --tile-scale need --tiles N (5, or a square such as 4, 9, 16)")
-    args.tile_settings = None if problems else TileSettings(
-        args.tiles, args.tile_reduce or "mean", DEFAULT_TILE_SCALE if args.tile_scale is None else args.tile_scale)
+    args.tile_settings, problems = settings_from_flags(args.tiles, args.tile_reduce, args.tile_scale)
     return problems
 
 

@@ -243,6 +243,25 @@ class TileSettings:
         return TileTransform(info, self.n, self.scale)
 
 
+def settings_from_flags(tiles: int | None, reduce: str | None, scale: float | None) -> tuple[TileSettings | None, list[str]]:
+    """(TileSettings, []) from the --tiles / --tile-reduce / --tile-scale of export, report and
+    the app, or (None, what does not fit, each naming its flag)."""
+    tiles = 1 if tiles is None else tiles
+    problems = []
+    for flag, check, value in (("--tiles", check_tiles, tiles), ("--tile-reduce", check_reduce, reduce),
+                               ("--tile-scale", check_scale, scale)):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                problems.append(f"{flag}: {exc}")
+    if tiles == 1 and (reduce is not None or scale is not None):
+        problems.append("--tile-reduce and --tile-scale need --tiles N (5, or a square such as 4, 9, 16)")
+    if problems:
+        return None, problems
+    return TileSettings(tiles, reduce or "mean", DEFAULT_TILE_SCALE if scale is None else float(scale)), []
+
+
 def flatten_tiles(batches: Iterable[dict]) -> Iterator[dict]:
     """Batches whose `x` is [B, n, 3, S, S] as batches of [B * n, 3, S, S] (image-major), the
     shape every scorer takes; the other keys are left as they are."""
