@@ -17,7 +17,7 @@ import base64
 import math
 from functools import lru_cache
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from .images import UnreadableImage, load_image
 
@@ -59,7 +59,9 @@ def fit(img: Image.Image, box: int, resample=Image.Resampling.LANCZOS, whole: bo
     factor = box // max(img.size)
     if whole and factor >= 1:
         return img if factor == 1 else img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
-    return ImageOps.contain(img, (box, box), method=resample)
+    # (not ImageOps.contain: Pillow < 13 rounds a 3000 x 20 strip's side to 0 pixels and raises)
+    scale = box / max(img.size)
+    return img.resize((max(1, min(box, round(img.width * scale))), max(1, min(box, round(img.height * scale)))), resample)
 
 
 def tile(source, size: int, background=(0, 0, 0), pad: int = 0, resample=Image.Resampling.LANCZOS,
