@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (ROOT, TINY, data_args, make_pool, make_scored_set, read_metrics, run_script, train_in_process,
+from conftest import (EMB, ROOT, TINY, data_args, make_pool, make_scored_set, read_metrics, run_script, train_in_process,
                       train_until_killed, two_process_launcher)
 
 
@@ -259,6 +259,23 @@ def test_local_pretrained_weights_load(tmp_path):
     with pytest.raises(WeightsUnavailable, match="does not fit"):
         build_model({"name": "test_convnext3", "pretrained": str(tmp_path / "w.safetensors")}, 32)
     assert model(torch.zeros(2, 3, 32, 32))["logits"].shape == (2, 11)
+
+
+def test_too_small_an_image_for_the_model_is_a_clear_error(toy_data, tmp_path, capsys):
+    """ConvNeXt's unpadded 2x2 downsampling runs out of pixels below 32 px; a padded ResNet
+    does not, and must not be refused."""
+    from aessl.models import ImageSizeTooSmall, build_model
+
+    with pytest.raises(ImageSizeTooSmall, match="cannot take 16 px images.*at least 32"):
+        build_model({"name": "test_convnext3", "pretrained": False}, 16)
+    model, _ = build_model({"name": "test_resnet", "pretrained": False}, 16)
+    assert model.training  # the probe leaves the model as it was built
+    for mode in ([], EMB):
+        assert train_in_process(*data_args(toy_data), "model.name=test_convnext3", "data.image_size=16", *mode,
+                                "train.steps=2", f"output_dir={tmp_path / 'run'}") == 2
+        err = capsys.readouterr().err
+        assert "cannot take 16 px images" in err and "at least 32" in err, err[-2000:]
+        assert not (tmp_path / "run").exists()
 
 
 def test_import_ssl_gets_the_standard_library():

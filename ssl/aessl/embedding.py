@@ -60,7 +60,7 @@ from .heads import EmbeddingError
 from .images import UnreadableImage, describe, load_image
 from .locks import FolderLock, FolderLocked, pid_alive
 from .metrics import bracket_of
-from .models import create_backbone, data_config
+from .models import check_image_size, create_backbone, data_config
 from .sources import REPO_ROOT
 from .transforms import eval_transform, train_transforms
 
@@ -521,6 +521,7 @@ def build_frozen_backbone(model_cfg, embed_cfg, image_size: int, crop_pct: float
         torch.manual_seed(embed_cfg["seed"])
         backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), num_classes=0, **kwargs)
     backbone.eval().requires_grad_(False)
+    check_image_size(backbone, model_cfg["name"], image_size)
     info = {"architecture": model_cfg["name"], "model_kwargs": kwargs, **data_config(backbone, image_size, crop_pct)}
     return backbone, info
 

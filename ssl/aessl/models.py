@@ -36,6 +36,35 @@ class WeightsUnavailable(RuntimeError):
     pass
 
 
+class ImageSizeTooSmall(WeightsUnavailable):
+    """The model cannot take images this small (its downsampling runs out of pixels). A
+    WeightsUnavailable, so every script that reports a model it cannot build reports it."""
+
+
+def check_image_size(backbone: nn.Module, name: str, image_size: int) -> None:
+    """ImageSizeTooSmall when `backbone` fails on image_size x image_size images. Only sizes
+    below the network's total stride are tried (one forward of a zero image on the CPU):
+    a padded network (ResNet) takes them, an unpadded one (ConvNeXt's 2x2 downsampling)
+    does not."""
+    info = getattr(backbone, "feature_info", None)
+    try:
+        reduction = int(info[-1]["reduction"]) if info else None
+    except (KeyError, TypeError, ValueError, IndexError):
+        reduction = None
+    if reduction is None or image_size >= reduction:
+        return
+    was_training = backbone.training
+    try:
+        with torch.no_grad():
+            backbone.eval()(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as exc:
+        raise ImageSizeTooSmall(f"model {name!r} cannot take {image_size} px images (it downsamples {reduction}x: "
+                                f"{str(exc).splitlines()[0]}); use an image size of at least {reduction} "
+                                "(data.image_size= / --image-size)") from None
+    finally:
+        backbone.train(was_training)
+
+
 class ScoreModel(nn.Module):
     """A timm backbone that answers the way USB's algorithms expect.
 
@@ -148,6 +177,7 @@ def build_model(model_cfg, image_size: int, crop_pct: float = 1.0) -> tuple[Scor
     target = get_target(model_cfg.get("target"))
     backbone = create_backbone(model_cfg["name"], model_cfg.get("pretrained", False), num_classes=target.outputs,
                                **kwargs)
+    check_image_size(backbone, model_cfg["name"], image_size)
     info = {
         "architecture": model_cfg["name"],
         "num_classes": NUM_BRACKETS,
