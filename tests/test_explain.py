@@ -33,11 +33,13 @@ def synth(tmp_path_factory):
     return root
 
 
-def test_end_to_end_with_truth(synth, tmp_path, monkeypatch):
+def test_end_to_end_with_truth(synth, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x"
+    capsys.readouterr()
     rc = explain_in_process("--model", synth / "image", "--data", synth / "set" / "labeled", "--out", out, "--truth",
-                            synth / "set" / "truth.parquet", "--bootstrap", 3, "--no-progress")
+                            synth / "set" / "truth.parquet", "--bootstrap", 3, "--no-progress", "--batch-size", 8)
     assert rc == 0
+    assert "score " not in capsys.readouterr().err  # --no-progress: not the scoring bar either
     rows = read_csv_rows(out / "importance.csv")
     got = {(r["feature_set"], r["target"]) for r in rows}
     assert got == {("measurements", "human"), ("measurements", "model"), ("truth", "generator"), ("truth", "human"),

@@ -230,7 +230,8 @@ def measure_images(paths: list[str], cache: Path, workers: int = 0, max_side: in
 # --------------------------------------------------------------------------- scoring
 
 
-def model_scores(model: str | Path, paths: list[str], batch_size: int, workers: int, device) -> tuple[np.ndarray, dict]:
+def model_scores(model: str | Path, paths: list[str], batch_size: int, workers: int, device,
+                 progress: bool = True) -> tuple[np.ndarray, dict]:
     """Expected score (0-10) of every path under the run or model folder `model`, and the
     model's run name and config."""
     try:
@@ -242,7 +243,8 @@ def model_scores(model: str | Path, paths: list[str], batch_size: int, workers: 
     except Exception as exc:
         raise ExplainError(f"--model {run.model_dir}: cannot load the model: {type(exc).__name__}: {exc}") from None
     table = datasets.Dataset.from_dict({"path": list(paths)})
-    probs, ok, reasons = predict_probs(net, info, table, batch_size, workers, device, desc=f"score {run.name}")
+    probs, ok, reasons = predict_probs(net, info, table, batch_size, workers, device, desc=f"score {run.name}",
+                                       progress=progress)
     if not ok.all():
         bad = [f"{paths[i]}: {reasons[i]}" for i in np.flatnonzero(~ok)]
         raise ExplainError(f"{len(bad)} image(s) could not be scored: " + "; ".join(bad[:5]))
@@ -710,7 +712,7 @@ def run_explain(model, data, out, truth=None, cache=None, workers: int = 0, batc
     truth_df = load_truth_table(truth) if truth else None
     if truth_df is not None:
         check_truth_overlap(truth_df, paths, truth)
-    scores, info = model_scores(model, paths, batch_size, workers, dev)
+    scores, info = model_scores(model, paths, batch_size, workers, dev, progress)
     meas = measure_images(paths, Path(cache) if cache else out / "measurements.parquet", workers, measure_size,
                           progress)
     bad = meas["reason"].astype(str).str.len() > 0

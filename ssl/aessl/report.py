@@ -220,35 +220,37 @@ def test_set_identity(run: RunInput) -> str | None:
 
 def predict_probs(model, info: dict, table, batch_size: int = 64, workers: int = 0, device="cpu",
                   desc: str | None = None, precision: str = "auto",
-                  tiles: TileSettings | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  tiles: TileSettings | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Softmax over the 11 logits for every row of `table` (a datasets table with `path` or
     `image`), in row order. Returns (probs N x 11, ok mask N, reason per row ('' if ok));
     rows that could not be read have ok=False and NaN probabilities. `model` must already
     be on `device`; precision as export's --precision (auto: bf16 autocast on CUDA, fp32 on
     CPU), the softmax always in float32 (aessl/scoring.py). `tiles` with n > 1: each row is
-    scored as its n tile views (aessl/tiles.py) and they are reduced with `tiles.reduce`."""
+    scored as its n tile views (aessl/tiles.py) and they are reduced with `tiles.reduce`.
+    progress=False: no progress bar (there is none anyway for a single batch)."""
     if tiles is not None and tiles.on:
         per_tile, ok, reasons = predict_tile_probs(model, info, table, tiles.n, tiles.scale, batch_size, workers,
-                                                   device, desc, precision)
+                                                   device, desc, precision, progress)
         probs = np.full((len(ok), NUM_BRACKETS), np.nan, dtype=np.float64)
         probs[ok] = reduce_tiles(per_tile[ok], tiles.reduce)
         return probs, ok, reasons
     dataset = EvalDataset(table, eval_transform(info), int(info["image_size"]))
-    return _score_dataset(model, info, dataset, batch_size, workers, device, desc, precision)
+    return _score_dataset(model, info, dataset, batch_size, workers, device, desc, precision, progress=progress)
 
 
 def predict_tile_probs(model, info: dict, table, n: int, scale: float = 2.0, batch_size: int = 64, workers: int = 0,
-                       device="cpu", desc: str | None = None,
-                       precision: str = "auto") -> tuple[np.ndarray, np.ndarray, list[str]]:
+                       device="cpu", desc: str | None = None, precision: str = "auto",
+                       progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """predict_probs of every tile: (probs N x n x 11, ok N, reasons), the n tile views of
     each row (aessl/tiles.py tile_views) scored as B * n images a batch of B rows; reduce
     them with tiles.reduce_tiles (one scoring pass serves every reduce)."""
     dataset = TiledEvalDataset(table, info, n, scale)
-    return _score_dataset(model, info, dataset, batch_size, workers, device, desc, precision, views=int(n))
+    return _score_dataset(model, info, dataset, batch_size, workers, device, desc, precision, views=int(n),
+                          progress=progress)
 
 
 def _score_dataset(model, info: dict, dataset, batch_size: int, workers: int, device, desc: str | None,
-                   precision: str, views: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   precision: str, views: int = 1, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     device = torch.device(device)
     # pinned pages only where a GPU copies from them (non_blocking)
     loader = DataLoader(dataset, batch_size=int(batch_size), num_workers=int(workers), shuffle=False,
@@ -258,7 +260,8 @@ def _score_dataset(model, info: dict, dataset, batch_size: int, workers: int, de
     probs = np.full(shape, np.nan, dtype=np.float64)
     ok = np.zeros(n, dtype=bool)
     reasons = [""] * n
-    batches = tqdm(loader, desc=desc or "score", disable=n <= batch_size, leave=False, dynamic_ncols=True)
+    batches = tqdm(loader, desc=desc or "score", disable=not progress or n <= batch_size, leave=False,
+                   dynamic_ncols=True)
     if views > 1:
         batches = flatten_tiles(batches)
     # A batch's unreadable rows are zero images; they are scored with it and dropped here.
