@@ -222,3 +222,39 @@ def test_export_scores_every_good_member_once_and_resumes(pool, tmp_path):
     assert _scored(out) == before
     now = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert {k for k in kept if now[k] != kept[k]} == {"part-00001.parquet"}
+
+
+def test_an_export_of_shards_gives_pseudo_labels(toy_data, pool, tmp_path):
+    """data.pseudo_labels from an export of a .tar pool (streamed or not): its rows are found by
+    member name in the shards and read from them, with worker processes and in embedding mode."""
+    from conftest import EMB as EMB_ARGS
+
+    from aessl import pseudo
+
+    model = _model(tmp_path / "model")  # thresholds 0.2: most rows accepted
+    outs = {}
+    for mode in ([], ["--streaming"]):
+        outs[bool(mode)] = tmp_path / f"exp{len(mode)}"
+        assert _export(model, pool["pattern"], outs[bool(mode)], "--workers", "0", *mode) == 0
+    from omegaconf import OmegaConf
+
+    dcfg = OmegaConf.create({"pseudo_labels": [str(outs[False])], "pseudo_weight": 1.0, "pseudo_band": None,
+                             "pseudo_accepted_only": False})
+    got = pseudo.load_pseudo_set(dcfg, "supervised", {}, [], [])
+    assert got.info["rows_resolved"] == len(pool["good"]) and got.info["exports"][0]["resolved_by"] == "tar"
+    row = got.table[0]
+    assert row["tar_shard"].endswith(".tar") and row["image"] is None
+    assert load_image(row_source(row)).size[0] > 0  # its bytes come from the shard
+    # both exports together name each member twice: the second copy is a duplicate
+    dcfg.pseudo_labels = [str(outs[False]), str(outs[True])]
+    both = pseudo.load_pseudo_set(dcfg, "supervised", {}, [], [])
+    assert both.info["rows_resolved"] == len(pool["good"]) and both.info["dropped"]["duplicate"] == len(pool["good"])
+    common = [f"data.labeled={toy_data['labeled']}", f"data.test={toy_data['test']}", "algorithm.name=supervised",
+              f"data.pseudo_labels={outs[True]}", "data.pseudo_accepted_only=false", "train.steps=3",
+              "train.eval_every=3"]
+    for name, extra in (("image", ["data.num_workers=2"]),
+                        ("embedding", [*EMB_ARGS, f"embed.cache_dir={tmp_path / 'cache'}"])):
+        run = tmp_path / name
+        assert train_in_process(*common, *extra, f"output_dir={run}") == 0
+        info = json.loads((run / "run.json").read_text())["pseudo_labels"]
+        assert info["rows_resolved"] == len(pool["good"]) and info["rows_used"] == len(pool["good"])

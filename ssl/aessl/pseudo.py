@@ -16,10 +16,12 @@ whether the teacher's per-bracket thresholds accept it. Here its rows join the l
   and counted). An export of a saved dataset names rows by index: the dataset the export
   recorded is loaded again and must be the one it scored (same row count and `datasets`
   fingerprint, `export.source_identity`), else the rows would point at other images. A
-  streamed dataset or Hub source cannot be read back by row and is refused.
-- Dropped: rows whose image is a test image (never trained on) or a labeled image (its
-  label wins), by real path or by identical bytes (aessl.overlap); and a second row of the
-  same image (a list of exports that overlap).
+  streamed dataset or Hub source cannot be read back by row and is refused. An export of
+  .tar shards (aessl/shards.py, streamed or not) names members `<shard>/<member>`: they are
+  found by name in the shards' listing (all must still be there) and read from the shards.
+- Dropped: rows whose image is a test image (never trained on), a labeled image (its
+  label wins) or rejected in data.corrections, by real path or by identical bytes
+  (aessl.overlap); and a second row of the same image (a list of exports that overlap).
 - Training: one permutation over labels + pseudo rows (`DrawDataset` / `FeatureDraws` with
   the joined table), so the draw-number determinism and exact resume hold. Every labeled
   batch carries a soft target per row in `y_lb` ([B, 11] float): the one-hot bracket for a
@@ -52,6 +54,7 @@ from .export import EXPORT_FORMAT, EXPORT_FORMAT_VERSION, META_KEY, PROB_COLUMNS
 from .metrics import NUM_BRACKETS, bracket_of
 from .overlap import TestIndex
 from .runfolder import read_run_info
+from . import shards
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +222,40 @@ def read_export(folder: Path, accepted_only: bool, band) -> dict:
 # --------------------------------------------------------------------------- rows -> images
 
 
+def _shard_rows(folder: Path, export: dict, images: str):
+    """The shard rows (path + tar columns) of an export of a .tar shard pool, found by member
+    name in the shards' listing; None when `images` names no shards."""
+    try:
+        found = shards.find_shards(images)
+    except shards.ShardSourceError as exc:
+        raise _fail(folder, f"the export scored the shards {images}, which cannot be found now ({exc})") from None
+    if found is None:
+        return None
+    try:
+        pool = load_pool(images, streaming=False)
+    except (DataSourceError, OSError) as exc:
+        raise _fail(folder, f"the export scored the shards {images}, which cannot be listed now ({exc})") from None
+    index = {name: i for i, name in enumerate(pool["path"])}
+    rows = [index.get(name) for name in export["paths"]]
+    gone = [name for name, i in zip(export["paths"], rows) if i is None]
+    if gone:
+        raise _fail(folder, f"{len(gone)} of its rows name shard members that are not in {images} now, e.g. "
+                            f"{'; '.join(gone[:3])}: the shards changed since the export; export them again")
+    return pool.select(rows).select_columns(["path", *shards.TAR_COLUMNS])
+
+
 def resolve_images(folder: Path, export: dict) -> tuple[list, str]:
-    """(an image source per filtered row, 'path' | 'dataset'): file paths where the export
-    names files, else the rows of the dataset it scored (checked to be that dataset)."""
+    """(an image source per filtered row, 'path' | 'dataset' | 'tar'): file paths where the
+    export names files, the shard rows (path + tar columns) of an export of .tar shards,
+    else the rows of the dataset it scored (checked to be that dataset)."""
     manifest = export["manifest"]
     ident = (manifest.get("spec") or {}).get("source") or {}
     images = str((manifest.get("source") or {}).get("images", ident.get("source", "")))
     kind = ident.get("kind")
+    if kind in ("files", "stream") and not images.startswith("hub:"):
+        tar = _shard_rows(folder, export, images)
+        if tar is not None:
+            return tar, "tar"
     local_files = not images.startswith("hub:") and not _is_saved_dataset(Path(images))
     if kind == "files" or (kind == "stream" and local_files):
         return [p if os.path.isabs(p) else os.path.abspath(p) for p in export["paths"]], "path"
@@ -316,12 +346,15 @@ class RowsUnion:
 
 
 def _table(parts: list) -> "datasets.Dataset":  # noqa: F821
-    """One datasets table ('path' or 'image', plus 'score') from (kind, sources, scores) parts."""
+    """One datasets table ('path' or 'image', plus 'score'; with shard rows also the tar
+    columns, read by data.row_source) from (kind, sources, scores) parts."""
     import datasets
 
     scores = [float(s) for _, _, sc in parts for s in sc]
     if all(kind == "path" for kind, _, _ in parts):
         return datasets.Dataset.from_dict({"path": [p for _, src, _ in parts for p in src], "score": scores})
+    if any(kind == "tar" for kind, _, _ in parts):
+        return _table_with_shards(parts).add_column("score", scores)
     feature = datasets.Features({"image": datasets.Image(decode=False)})
     tables = []
     for kind, src, _ in parts:
@@ -331,6 +364,27 @@ def _table(parts: list) -> "datasets.Dataset":  # noqa: F821
         else:
             tables.append(src.cast_column("image", datasets.Image(decode=False)))
     return datasets.concatenate_datasets(tables).add_column("score", scores)
+
+
+def _table_with_shards(parts: list) -> "datasets.Dataset":  # noqa: F821
+    """Parts of any kind as one table: image (None but for dataset rows), path, tar columns
+    (None but for shard rows); data.row_source picks whichever a row has."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(decode=False), "path": datasets.Value("string"),
+                                  "tar_shard": datasets.Value("string"), "tar_offset": datasets.Value("int64"),
+                                  "tar_size": datasets.Value("int64")})
+    tables = []
+    for kind, src, _ in parts:
+        n = len(src)
+        if kind == "path":
+            cols = {"image": [None] * n, "path": list(src), **{c: [None] * n for c in shards.TAR_COLUMNS}}
+        elif kind == "tar":
+            cols = {"image": [None] * n, "path": src["path"], **{c: src[c] for c in shards.TAR_COLUMNS}}
+        else:
+            cols = {"image": src["image"], "path": [None] * n, **{c: [None] * n for c in shards.TAR_COLUMNS}}
+        tables.append(datasets.Dataset.from_dict(cols, features=features))
+    return datasets.concatenate_datasets(tables)
 
 
 def load_pseudo_set(dcfg, algorithm_name: str, algorithm_args: dict, train_paths, test_paths,
