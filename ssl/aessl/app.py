@@ -749,247 +749,275 @@ def build_app(model, export=None, corrections=None, labeled=None, **options):
     return make_blocks(AppState.load(model, export, corrections, labeled, **options))
 
 
+NO_EXPORT = ("Start the app with `--export DIR` (a folder written by `ssl/export.py`) to review its rows "
+             "and label the images the model needs most.")
+
+
 def make_blocks(state: AppState):
     """The three tabs over `state`. Handlers only call the functions above."""
     import gradio as gr
 
     view, scorer = state.view, state.scorer
-    no_export = ("Start the app with `--export DIR` (a folder written by `ssl/export.py`) to review its rows "
-                 "and label the images the model needs most.")
-
     with gr.Blocks(title="aessl review", analytics_enabled=False) as demo:
         gr.Markdown(f"## Aesthetic scores: score, review, label next\n{scorer.describe()}"
                     + (f" | export `{view.folder}` ({len(view)} rows) | corrections `{view.corrections_path}`"
                        if view else ""))
-
-        # ------------------------------------------------------------ Score
         with gr.Tab("Score", id="score"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    files = gr.File(label="Images (drop one or more)", file_count="multiple", type="filepath",
-                                    elem_id="score-files")
-                    folder = gr.Textbox(label="…or a folder (or manifest) on the server", placeholder="/data/pool",
-                                        elem_id="score-folder")
-                    with gr.Row():
-                        score_btn = gr.Button("Score images", variant="primary", elem_id="score-button")
-                        folder_btn = gr.Button("Score folder", elem_id="score-folder-button")
-                    sal = gr.Checkbox(label=f"saliency overlay (integrated gradients, {state.saliency_steps} steps; "
-                                            f"first {SALIENCY_MAX} images)", value=False, elem_id="score-saliency")
-                with gr.Column(scale=2):
-                    summary = gr.Markdown("Drop images and press **Score images**.", elem_id="score-summary")
-                    dist = gr.Plot(label="bracket distributions", elem_id="score-plot")
-            gallery = gr.Gallery(label="images (best first)", columns=6, height="auto", elem_id="score-gallery")
-            table = gr.Dataframe(label="scores", interactive=False, elem_id="score-table")
-            download = gr.File(label="all results (CSV)", visible=False, elem_id="score-csv")
-
-            def _show(results, saliency, originals=None):
-                overlays = None
-                if saliency:
-                    ok = [i for i, r in enumerate(results) if r["ok"]][:SALIENCY_MAX]
-                    maps = scorer.saliency([results[i]["path"] for i in ok], steps=state.saliency_steps)
-                    overlays = [None] * len(results)
-                    for i, m in zip(ok, maps):
-                        overlays[i] = m
-                csv_path = write_results_csv(results, state.scratch) if len(results) > 1 else None
-                return (score_summary(results), score_cards_figure(sorted(
-                    results, key=lambda r: -(r.get("score_percent") or 0))), score_gallery(results, overlays),
-                        score_table_frame(results), gr.update(value=str(csv_path) if csv_path else None,
-                                                              visible=csv_path is not None))
-
-            def on_score(paths, saliency, progress=gr.Progress()):
-                paths = [_as_path(p) for p in (paths or [])]
-                if not paths:
-                    return ("Drop one or more images first.", None, [], score_table_frame([]),
-                            gr.update(visible=False))
-                results = scorer.score(paths, progress=lambda d, t: progress((d, t), desc="scoring", unit="images"),
-                                       names=[display_name(p) for p in paths])
-                return _show(results, saliency)
-
-            def on_folder(text, saliency, progress=gr.Progress()):
-                try:
-                    results = scorer.score_folder(text, progress=lambda d, t: progress((d, t), desc="scoring",
-                                                                                     unit="images"))
-                except AppError as exc:
-                    return f"**{html.escape(str(exc))}**", None, [], score_table_frame([]), gr.update(visible=False)
-                return _show(results, saliency)
-
-            outs = [summary, dist, gallery, table, download]
-            score_btn.click(on_score, [files, sal], outs)
-            folder_btn.click(on_folder, [folder, sal], outs)
-            folder.submit(on_folder, [folder, sal], outs)
-
-        # ------------------------------------------------------------ Review
+            _score_tab(gr, state)
         with gr.Tab("Review", id="review"):
             if view is None:
-                gr.Markdown(no_export)
+                gr.Markdown(NO_EXPORT)
             else:
-                rows_state = gr.State([])
-                selected = gr.State(-1)
-                with gr.Row():
-                    brackets = gr.CheckboxGroup(choices=[str(b) for b in range(NUM_BRACKETS)], label="brackets (none: all)",
-                                                elem_id="review-brackets")
-                with gr.Row():
-                    min_pct = gr.Slider(0, 100, value=0, step=0.5, label="min score %", elem_id="review-min")
-                    max_pct = gr.Slider(0, 100, value=100, step=0.5, label="max score %", elem_id="review-max")
-                    min_conf = gr.Slider(0, 1, value=0, step=0.01, label="min confidence")
-                    max_conf = gr.Slider(0, 1, value=1, step=0.01, label="max confidence")
-                    top = gr.Number(label="top N", value=60, precision=0, minimum=1, elem_id="review-top")
-                with gr.Row():
-                    uncertain = gr.Checkbox(label="accepted but uncertain (accepted rows, lowest confidence first)",
-                                            elem_id="review-uncertain")
-                    sort = gr.Dropdown(choices=list(SORTS), value="score, high first", label="order")
-                    decided = gr.Radio(choices=list(DECIDED_FILTERS), value="all", label="decisions")
-                    show = gr.Button("Show", variant="primary", elem_id="review-show")
-                count = gr.Markdown(elem_id="review-count")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        rgallery = gr.Gallery(label="matching rows (click one; keys: a accept, r reject, "
-                                                    "s re-score)", columns=6, height=420,
-                                              allow_preview=False, elem_id="review-gallery")
-                        rtable = gr.Dataframe(label="matching rows", interactive=False, elem_id="review-table")
-                    with gr.Column(scale=2):
-                        big = gr.Image(label="selected", type="pil", interactive=False, height=360,
-                                       elem_id="review-image")
-                        details = gr.Markdown("Click a row.", elem_id="review-details")
-                        with gr.Row():
-                            accept_btn = gr.Button("Accept", variant="primary", elem_id="review-accept")
-                            reject_btn = gr.Button("Reject", variant="stop", elem_id="review-reject")
-                        with gr.Row(equal_height=True):
-                            rescore = gr.Number(label="score 0-10", value=None, minimum=0, maximum=10, step=0.5,
-                                                placeholder="0-10", elem_id="review-score", scale=1)
-                            rescore_btn = gr.Button("Re-score", elem_id="review-rescore", scale=1)
-                        status = gr.Markdown(elem_id="review-status")
-                        rplot = gr.Plot(label="bracket distribution", elem_id="review-plot")
-
-                def gallery_items(rows):
-                    out = []
-                    for i, r in enumerate(rows):
-                        d = decision_text(r)
-                        out.append((state.thumb(r), f"{i + 1}. {r['score_percent']:.1f}% b{r['bracket']}"
-                                                    + (f" [{d}]" if d else "")))
-                    return out
-
-                def detail(rows, i):
-                    if not rows or i is None or not 0 <= int(i) < len(rows):
-                        return -1, None, "Click a row.", None, None
-                    i = int(i)
-                    r = view.row(rows[i]["path"])  # fresh: its decision may have changed
-                    rows[i] = r
-                    fig = distribution_figure([r["probs"]], [f"{r['score_percent']:.1f}% ({verdict(r['accepted'])})"],
-                                              [r["expected_score"]])
-                    default = r["decided_score"] if r["decided_score"] is not None else round(r["expected_score"], 1)
-                    return i, view.image(r, BIG, enlarge=True), row_details(r, view.thresholds), fig, default
-
-                def on_show(b, lo, hi, clo, chi, unc, srt, dec, n):
-                    try:
-                        rows, total = view.filter(b, lo, hi, clo, chi, unc, dec, srt, int(n) if n else None)
-                    except AppError as exc:
-                        return (f"**{html.escape(str(exc))}**", [], review_frame([]), [], -1, None, "", None, None, "")
-                    msg = f"{total} row(s) match; showing {len(rows)}."
-                    return (msg, gallery_items(rows), review_frame(rows), rows, -1, None, "Click a row.", None, None,
-                            "")
-
-                show_outs = [count, rgallery, rtable, rows_state, selected, big, details, rplot, rescore, status]
-                show.click(on_show, [brackets, min_pct, max_pct, min_conf, max_conf, uncertain, sort, decided, top],
-                           show_outs)
-                detail_outs = [selected, big, details, rplot, rescore]
-
-                def on_gallery(rows, evt: gr.SelectData):
-                    return detail(rows, evt.index)
-
-                def on_table(rows, evt: gr.SelectData):
-                    i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-                    return detail(rows, i)
-
-                rgallery.select(on_gallery, [rows_state], detail_outs)
-                rtable.select(on_table, [rows_state], detail_outs)
-
-                def decide(decision):
-                    def handler(rows, i, score):
-                        if not rows or i is None or not 0 <= int(i) < len(rows):
-                            return ("**Click a row first.**", gr.update(), gr.update(), rows, *detail(rows, i))
-                        i = int(i)
-                        try:
-                            written = view.decide(rows[i]["path"], decision,
-                                                  None if decision != "rescore" else score, source="review")
-                        except AppError as exc:
-                            return (f"**{html.escape(str(exc))}**", gr.update(), gr.update(), rows, *detail(rows, i))
-                        rows[i] = view.row(rows[i]["path"])
-                        what = {"accept": "accepted", "reject": "rejected", "rescore": "re-scored"}[decision]
-                        msg = (f"{what} {html.escape(os.path.basename(written['path']))}"
-                               + (f" ({written['score']})" if written["score"] else "")
-                               + f", saved to `{view.corrections_path}`")
-                        nxt = i + 1 if i + 1 < len(rows) else i  # move on to the next row
-                        return (msg, review_frame(rows), gr.update(selected_index=nxt), rows, *detail(rows, nxt))
-                    return handler
-
-                decide_outs = [status, rtable, rgallery, rows_state, *detail_outs]
-                accept_btn.click(decide("accept"), [rows_state, selected, rescore], decide_outs)
-                reject_btn.click(decide("reject"), [rows_state, selected, rescore], decide_outs)
-                rescore_btn.click(decide("rescore"), [rows_state, selected, rescore], decide_outs)
-                demo.load(on_show, [brackets, min_pct, max_pct, min_conf, max_conf, uncertain, sort, decided, top],
-                          show_outs)
-
-        # ------------------------------------------------------------ Label next
+                _review_tab(gr, state, demo)
         with gr.Tab("Label next", id="label"):
             if view is None:
-                gr.Markdown(no_export)
+                gr.Markdown(NO_EXPORT)
             else:
-                excluded = f"; {len(state.labeled)} labeled image(s) left out" if state.labeled else ""
-                gr.Markdown("The images whose labels would teach the model most (aessl.active: bracket spread"
-                            + (", disagreement with the other exports" if state.other_exports else "")
-                            + f"), leaving out images already decided{excluded}. Saving writes a `rescore` "
-                            "decision (source `label_next`).")
-                queue_state = gr.State([])
-                with gr.Row():
-                    qn = gr.Number(label="how many", value=12, precision=0, minimum=1, elem_id="label-n")
-                    diverse = gr.Checkbox(label="diverse (k-center on the model's features; slower)", value=False)
-                    build = gr.Button("Build queue", variant="primary", elem_id="label-build")
-                qmsg = gr.Markdown(elem_id="label-status")
-
-                def on_build(n, div, progress=gr.Progress()):
-                    progress(None)
-                    features = None
-                    if div:
-                        from .active import ModelFeatures
-
-                        features = ModelFeatures(scorer.folder, device=scorer.device, progress=False)
-                    try:
-                        q = label_queue(view, n, state.labeled, state.other_exports, features)
-                    except AppError as exc:
-                        return f"**{html.escape(str(exc))}**", []
-                    return f"{len(q)} image(s) to label, most useful first.", q
-
-                build.click(on_build, [qn, diverse], [qmsg, queue_state])
-
-                @gr.render(inputs=[queue_state])
-                def show_queue(queue):
-                    for item in queue:
-                        with gr.Row(variant="panel"):
-                            r = view.row(item["path"])
-                            gr.Image(value=state.thumb(r, 256), show_label=False, height=200, interactive=False,
-                                     scale=1)
-                            dis = (f" | disagreement {item['disagreement']:.2f}" if item.get("disagreement") is not None
-                                   else "")
-                            gr.Markdown(f"**{item['rank']}. {html.escape(os.path.basename(item['path']))}**  \n"
-                                        f"model: {item['expected_score'] * 10:.1f}% (bracket {item['bracket']}) | "
-                                        f"spread {item['uncertainty']:.2f} brackets{dis}  \n"
-                                        f"`{html.escape(item['path'])}`", scale=3)
-                            with gr.Column(scale=1):
-                                # a text box, not gr.Number: an empty Number reads as 0, a real score
-                                box = gr.Textbox(label="your score 0-10", value="", placeholder="0-10", max_lines=1,
-                                                 elem_classes=["label-score"])
-                                save = gr.Button("Save", elem_classes=["label-save"])
-                                saved = gr.Markdown(decision_text(r), elem_classes=["label-saved"])
-
-                            def on_save(text, path=item["path"]):
-                                try:
-                                    score = parse_score(text)
-                                    view.decide(path, "rescore", score, source="label_next")
-                                except AppError as exc:
-                                    return f"**{html.escape(str(exc))}**"
-                                return f"saved {score:g}"
-
-                            save.click(on_save, [box], [saved])
-                            box.submit(on_save, [box], [saved])
+                _label_tab(gr, state)
     return demo
+
+
+def _score_tab(gr, state: AppState) -> None:
+    """Score: uploaded images or a server folder, scored as export scores them."""
+    scorer = state.scorer
+    with gr.Row():
+        with gr.Column(scale=1):
+            files = gr.File(label="Images (drop one or more)", file_count="multiple", type="filepath",
+                            elem_id="score-files")
+            folder = gr.Textbox(label="…or a folder (or manifest) on the server", placeholder="/data/pool",
+                                elem_id="score-folder")
+            with gr.Row():
+                score_btn = gr.Button("Score images", variant="primary", elem_id="score-button")
+                folder_btn = gr.Button("Score folder", elem_id="score-folder-button")
+            sal = gr.Checkbox(label=f"saliency overlay (integrated gradients, {state.saliency_steps} steps; "
+                                    f"first {SALIENCY_MAX} images)", value=False, elem_id="score-saliency")
+        with gr.Column(scale=2):
+            summary = gr.Markdown("Drop images and press **Score images**.", elem_id="score-summary")
+            dist = gr.Plot(label="bracket distributions", elem_id="score-plot")
+    gallery = gr.Gallery(label="images (best first)", columns=6, height="auto", elem_id="score-gallery")
+    table = gr.Dataframe(label="scores", interactive=False, elem_id="score-table")
+    download = gr.File(label="all results (CSV)", visible=False, elem_id="score-csv")
+
+    def _show(results, saliency, originals=None):
+        overlays = None
+        if saliency:
+            ok = [i for i, r in enumerate(results) if r["ok"]][:SALIENCY_MAX]
+            maps = scorer.saliency([results[i]["path"] for i in ok], steps=state.saliency_steps)
+            overlays = [None] * len(results)
+            for i, m in zip(ok, maps):
+                overlays[i] = m
+        csv_path = write_results_csv(results, state.scratch) if len(results) > 1 else None
+        return (score_summary(results), score_cards_figure(sorted(
+            results, key=lambda r: -(r.get("score_percent") or 0))), score_gallery(results, overlays),
+                score_table_frame(results), gr.update(value=str(csv_path) if csv_path else None,
+                                                      visible=csv_path is not None))
+
+    def on_score(paths, saliency, progress=gr.Progress()):
+        paths = [_as_path(p) for p in (paths or [])]
+        if not paths:
+            return ("Drop one or more images first.", None, [], score_table_frame([]),
+                    gr.update(visible=False))
+        results = scorer.score(paths, progress=lambda d, t: progress((d, t), desc="scoring", unit="images"),
+                               names=[display_name(p) for p in paths])
+        return _show(results, saliency)
+
+    def on_folder(text, saliency, progress=gr.Progress()):
+        try:
+            results = scorer.score_folder(text, progress=lambda d, t: progress((d, t), desc="scoring",
+                                                                             unit="images"))
+        except AppError as exc:
+            return f"**{html.escape(str(exc))}**", None, [], score_table_frame([]), gr.update(visible=False)
+        return _show(results, saliency)
+
+    outs = [summary, dist, gallery, table, download]
+    score_btn.click(on_score, [files, sal], outs)
+    folder_btn.click(on_folder, [folder, sal], outs)
+    folder.submit(on_folder, [folder, sal], outs)
+
+
+def review_gallery_items(state: AppState, rows: list[dict]) -> list[tuple]:
+    """(thumbnail, 'rank. percent bracket [decision]') per row of the Review gallery."""
+    out = []
+    for i, r in enumerate(rows):
+        d = decision_text(r)
+        out.append((state.thumb(r), f"{i + 1}. {r['score_percent']:.1f}% b{r['bracket']}" + (f" [{d}]" if d else "")))
+    return out
+
+
+def review_detail(view: ExportView, rows: list[dict], i):
+    """(index, big image, details text, distribution figure, score box default) of row i,
+    read fresh (its decision may have changed); (-1, None, 'Click a row.', None, None) for none."""
+    if not rows or i is None or not 0 <= int(i) < len(rows):
+        return -1, None, "Click a row.", None, None
+    i = int(i)
+    r = view.row(rows[i]["path"])
+    rows[i] = r
+    fig = distribution_figure([r["probs"]], [f"{r['score_percent']:.1f}% ({verdict(r['accepted'])})"],
+                              [r["expected_score"]])
+    default = r["decided_score"] if r["decided_score"] is not None else round(r["expected_score"], 1)
+    return i, view.image(r, BIG, enlarge=True), row_details(r, view.thresholds), fig, default
+
+
+def review_decision_handler(gr, view: ExportView, decision: str):
+    """The click handler of one Review button: (rows, selected index, score box) -> (status,
+    table, gallery update, rows, *review_detail of the next row). The decision is written
+    (fsynced) before the page updates."""
+    def handler(rows, i, score):
+        if not rows or i is None or not 0 <= int(i) < len(rows):
+            return ("**Click a row first.**", gr.update(), gr.update(), rows, *review_detail(view, rows, i))
+        i = int(i)
+        try:
+            written = view.decide(rows[i]["path"], decision, None if decision != "rescore" else score, source="review")
+        except AppError as exc:
+            return (f"**{html.escape(str(exc))}**", gr.update(), gr.update(), rows, *review_detail(view, rows, i))
+        rows[i] = view.row(rows[i]["path"])
+        what = {"accept": "accepted", "reject": "rejected", "rescore": "re-scored"}[decision]
+        msg = (f"{what} {html.escape(os.path.basename(written['path']))}"
+               + (f" ({written['score']})" if written["score"] else "") + f", saved to `{view.corrections_path}`")
+        nxt = i + 1 if i + 1 < len(rows) else i  # move on to the next row
+        return (msg, review_frame(rows), gr.update(selected_index=nxt), rows, *review_detail(view, rows, nxt))
+    return handler
+
+
+def _review_tab(gr, state: AppState, demo) -> None:
+    """Review: filter the export's rows, look at one, accept / reject / re-score it."""
+    view = state.view
+    rows_state = gr.State([])
+    selected = gr.State(-1)
+    with gr.Row():
+        brackets = gr.CheckboxGroup(choices=[str(b) for b in range(NUM_BRACKETS)], label="brackets (none: all)",
+                                    elem_id="review-brackets")
+    with gr.Row():
+        min_pct = gr.Slider(0, 100, value=0, step=0.5, label="min score %", elem_id="review-min")
+        max_pct = gr.Slider(0, 100, value=100, step=0.5, label="max score %", elem_id="review-max")
+        min_conf = gr.Slider(0, 1, value=0, step=0.01, label="min confidence")
+        max_conf = gr.Slider(0, 1, value=1, step=0.01, label="max confidence")
+        top = gr.Number(label="top N", value=60, precision=0, minimum=1, elem_id="review-top")
+    with gr.Row():
+        uncertain = gr.Checkbox(label="accepted but uncertain (accepted rows, lowest confidence first)",
+                                elem_id="review-uncertain")
+        sort = gr.Dropdown(choices=list(SORTS), value="score, high first", label="order")
+        decided = gr.Radio(choices=list(DECIDED_FILTERS), value="all", label="decisions")
+        show = gr.Button("Show", variant="primary", elem_id="review-show")
+    count = gr.Markdown(elem_id="review-count")
+    with gr.Row():
+        with gr.Column(scale=3):
+            rgallery = gr.Gallery(label="matching rows (click one; keys: a accept, r reject, "
+                                        "s re-score)", columns=6, height=420,
+                                  allow_preview=False, elem_id="review-gallery")
+            rtable = gr.Dataframe(label="matching rows", interactive=False, elem_id="review-table")
+        with gr.Column(scale=2):
+            big = gr.Image(label="selected", type="pil", interactive=False, height=360,
+                           elem_id="review-image")
+            details = gr.Markdown("Click a row.", elem_id="review-details")
+            with gr.Row():
+                accept_btn = gr.Button("Accept", variant="primary", elem_id="review-accept")
+                reject_btn = gr.Button("Reject", variant="stop", elem_id="review-reject")
+            with gr.Row(equal_height=True):
+                rescore = gr.Number(label="score 0-10", value=None, minimum=0, maximum=10, step=0.5,
+                                    placeholder="0-10", elem_id="review-score", scale=1)
+                rescore_btn = gr.Button("Re-score", elem_id="review-rescore", scale=1)
+            status = gr.Markdown(elem_id="review-status")
+            rplot = gr.Plot(label="bracket distribution", elem_id="review-plot")
+
+    def gallery_items(rows):
+        return review_gallery_items(state, rows)
+
+    def detail(rows, i):
+        return review_detail(view, rows, i)
+
+    def on_show(b, lo, hi, clo, chi, unc, srt, dec, n):
+        try:
+            rows, total = view.filter(b, lo, hi, clo, chi, unc, dec, srt, int(n) if n else None)
+        except AppError as exc:
+            return (f"**{html.escape(str(exc))}**", [], review_frame([]), [], -1, None, "", None, None, "")
+        msg = f"{total} row(s) match; showing {len(rows)}."
+        return (msg, gallery_items(rows), review_frame(rows), rows, -1, None, "Click a row.", None, None,
+                "")
+
+    show_outs = [count, rgallery, rtable, rows_state, selected, big, details, rplot, rescore, status]
+    show.click(on_show, [brackets, min_pct, max_pct, min_conf, max_conf, uncertain, sort, decided, top],
+               show_outs)
+    detail_outs = [selected, big, details, rplot, rescore]
+
+    def on_gallery(rows, evt: gr.SelectData):
+        return detail(rows, evt.index)
+
+    def on_table(rows, evt: gr.SelectData):
+        i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return detail(rows, i)
+
+    rgallery.select(on_gallery, [rows_state], detail_outs)
+    rtable.select(on_table, [rows_state], detail_outs)
+
+    def decide(decision):
+        return review_decision_handler(gr, view, decision)
+
+    decide_outs = [status, rtable, rgallery, rows_state, *detail_outs]
+    accept_btn.click(decide("accept"), [rows_state, selected, rescore], decide_outs)
+    reject_btn.click(decide("reject"), [rows_state, selected, rescore], decide_outs)
+    rescore_btn.click(decide("rescore"), [rows_state, selected, rescore], decide_outs)
+    demo.load(on_show, [brackets, min_pct, max_pct, min_conf, max_conf, uncertain, sort, decided, top],
+              show_outs)
+
+
+def _label_tab(gr, state: AppState) -> None:
+    """Label next: the active-learning queue, a score box per image."""
+    view, scorer = state.view, state.scorer
+    excluded = f"; {len(state.labeled)} labeled image(s) left out" if state.labeled else ""
+    gr.Markdown("The images whose labels would teach the model most (aessl.active: bracket spread"
+                + (", disagreement with the other exports" if state.other_exports else "")
+                + f"), leaving out images already decided{excluded}. Saving writes a `rescore` "
+                "decision (source `label_next`).")
+    queue_state = gr.State([])
+    with gr.Row():
+        qn = gr.Number(label="how many", value=12, precision=0, minimum=1, elem_id="label-n")
+        diverse = gr.Checkbox(label="diverse (k-center on the model's features; slower)", value=False)
+        build = gr.Button("Build queue", variant="primary", elem_id="label-build")
+    qmsg = gr.Markdown(elem_id="label-status")
+
+    def on_build(n, div, progress=gr.Progress()):
+        progress(None)
+        features = None
+        if div:
+            from .active import ModelFeatures
+
+            features = ModelFeatures(scorer.folder, device=scorer.device, progress=False)
+        try:
+            q = label_queue(view, n, state.labeled, state.other_exports, features)
+        except AppError as exc:
+            return f"**{html.escape(str(exc))}**", []
+        return f"{len(q)} image(s) to label, most useful first.", q
+
+    build.click(on_build, [qn, diverse], [qmsg, queue_state])
+
+    @gr.render(inputs=[queue_state])
+    def show_queue(queue):
+        for item in queue:
+            with gr.Row(variant="panel"):
+                r = view.row(item["path"])
+                gr.Image(value=state.thumb(r, 256), show_label=False, height=200, interactive=False,
+                         scale=1)
+                dis = (f" | disagreement {item['disagreement']:.2f}" if item.get("disagreement") is not None
+                       else "")
+                gr.Markdown(f"**{item['rank']}. {html.escape(os.path.basename(item['path']))}**  \n"
+                            f"model: {item['expected_score'] * 10:.1f}% (bracket {item['bracket']}) | "
+                            f"spread {item['uncertainty']:.2f} brackets{dis}  \n"
+                            f"`{html.escape(item['path'])}`", scale=3)
+                with gr.Column(scale=1):
+                    # a text box, not gr.Number: an empty Number reads as 0, a real score
+                    box = gr.Textbox(label="your score 0-10", value="", placeholder="0-10", max_lines=1,
+                                     elem_classes=["label-score"])
+                    save = gr.Button("Save", elem_classes=["label-save"])
+                    saved = gr.Markdown(decision_text(r), elem_classes=["label-saved"])
+
+                def on_save(text, path=item["path"]):
+                    try:
+                        score = parse_score(text)
+                        view.decide(path, "rescore", score, source="label_next")
+                    except AppError as exc:
+                        return f"**{html.escape(str(exc))}**"
+                    return f"saved {score:g}"
+
+                save.click(on_save, [box], [saved])
+                box.submit(on_save, [box], [saved])

@@ -366,21 +366,22 @@ def check_types(cfg) -> None:
     _check_pseudo_keys(cfg)
 
 
+def _check_path_list(cfg, key: str, what: str) -> None:
+    """`key`: null, one path, or a non-empty list of paths (`what` says what a path names)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    items = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+    if not items or not all(isinstance(f, str) and f.strip() for f in items):
+        raise ConfigError(f"{key}={_plain(value)!r} must be null, {what}, or a list of them")
+
+
 def _check_pseudo_keys(cfg) -> None:
-    """data.pseudo_labels: null, a folder, or a non-empty list of folders; data.pseudo_band:
-    null or [low, high] percents with 0 <= low <= high <= 100."""
-    folders = OmegaConf.select(cfg, "data.pseudo_labels")
-    if folders is not None:
-        items = list(folders) if OmegaConf.is_list(folders) or isinstance(folders, (list, tuple)) else [folders]
-        if not items or not all(isinstance(f, str) and f.strip() for f in items):
-            raise ConfigError(f"data.pseudo_labels={_plain(folders)!r} must be null, an export folder written by "
-                              "ssl/export.py, or a list of them")
-    files = OmegaConf.select(cfg, "data.corrections")
-    if files is not None:
-        items = list(files) if OmegaConf.is_list(files) or isinstance(files, (list, tuple)) else [files]
-        if not items or not all(isinstance(f, str) and f.strip() for f in items):
-            raise ConfigError(f"data.corrections={_plain(files)!r} must be null, a corrections .csv written by "
-                              "ssl/app.py, or a list of them")
+    """data.pseudo_labels: null, a folder, or a non-empty list of folders; data.corrections:
+    likewise with files; data.pseudo_band: null or [low, high] percents with
+    0 <= low <= high <= 100."""
+    _check_path_list(cfg, "data.pseudo_labels", "an export folder written by ssl/export.py")
+    _check_path_list(cfg, "data.corrections", "a corrections .csv written by ssl/app.py")
     band = OmegaConf.select(cfg, "data.pseudo_band")
     if band is not None:
         if not (OmegaConf.is_list(band) or isinstance(band, (list, tuple))) or len(band) != 2:
