@@ -195,6 +195,8 @@ def test_score_and_review_in_a_browser(server, browser):
 
     until(d, "the table to show the decisions",
           lambda d: all(w in text_of(d, "review-table") for w in ("accepted", "rejected", "re-scored 3.50")))
+    until(d, "the gallery's captions to show the decisions",
+          lambda d: all(w in text_of(d, "review-gallery") for w in ("[accepted", "[rejected]", "[re-scored 3.50]")))
     with open(server["corrections"], newline="") as f:
         written = list(csv.DictReader(f))
     assert [(r["path"], r["decision"], r["source"]) for r in written] == [

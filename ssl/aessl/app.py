@@ -858,10 +858,12 @@ def review_detail(view: ExportView, rows: list[dict], i):
     return i, view.image(r, BIG, enlarge=True), row_details(r, view.thresholds), fig, default
 
 
-def review_decision_handler(gr, view: ExportView, decision: str):
+def review_decision_handler(gr, state: AppState, decision: str):
     """The click handler of one Review button: (rows, selected index, score box) -> (status,
     table, gallery update, rows, *review_detail of the next row). The decision is written
-    (fsynced) before the page updates."""
+    (fsynced) before the page updates; the gallery's captions then show it."""
+    view = state.view
+
     def handler(rows, i, score):
         if not rows or i is None or not 0 <= int(i) < len(rows):
             return ("**Click a row first.**", gr.update(), gr.update(), rows, *review_detail(view, rows, i))
@@ -875,7 +877,8 @@ def review_decision_handler(gr, view: ExportView, decision: str):
         msg = (f"{what} {html.escape(os.path.basename(written['path']))}"
                + (f" ({written['score']})" if written["score"] else "") + f", saved to `{view.corrections_path}`")
         nxt = i + 1 if i + 1 < len(rows) else i  # move on to the next row
-        return (msg, review_frame(rows), gr.update(selected_index=nxt), rows, *review_detail(view, rows, nxt))
+        return (msg, review_frame(rows), gr.update(value=review_gallery_items(state, rows), selected_index=nxt), rows,
+                *review_detail(view, rows, nxt))
     return handler
 
 
@@ -951,7 +954,7 @@ def _review_tab(gr, state: AppState, demo) -> None:
     rtable.select(on_table, [rows_state], detail_outs)
 
     def decide(decision):
-        return review_decision_handler(gr, view, decision)
+        return review_decision_handler(gr, state, decision)
 
     decide_outs = [status, rtable, rgallery, rows_state, *detail_outs]
     accept_btn.click(decide("accept"), [rows_state, selected, rescore], decide_outs)
