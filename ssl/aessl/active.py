@@ -55,12 +55,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import MANIFEST_SUFFIXES, DataSourceError, _walk_files, read_manifest
+from .data import MANIFEST_SUFFIXES, DataSourceError, EvalDataset, _walk_files, read_manifest
 from .fileio import write_text_atomic
-from .images import UnreadableImage, is_image_file, load_image
+from .images import is_image_file
 from .metrics import BRACKETS, NUM_BRACKETS, expected_score
 from .models import load_model_folder
 from .overlap import TestIndex
@@ -311,21 +311,6 @@ def exclude_paths(source: str | Path) -> list[str]:
 # --------------------------------------------------------------------------- model features
 
 
-class _PathImages(Dataset):
-    def __init__(self, paths: list[str], transform, image_size: int):
-        self.paths, self.transform, self.size = list(paths), transform, int(image_size)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            x, ok = self.transform(load_image(self.paths[i], draft_size=self.size * 2)), True
-        except UnreadableImage:
-            x, ok = torch.zeros(3, self.size, self.size), False
-        return x, ok
-
-
 class ModelFeatures:
     """The pooled backbone features of a run's model, as a `features` callable for
     build_queue: the model is loaded once, here (ActiveLearningError naming the folder when it
@@ -342,13 +327,13 @@ class ModelFeatures:
         self.batch_size, self.workers, self.progress = int(batch_size), int(workers), progress
 
     def __call__(self, paths: list[str]) -> np.ndarray:
-        data = _PathImages(paths, eval_transform(self.info), int(self.info["image_size"]))
+        data = EvalDataset([{"path": p} for p in paths], eval_transform(self.info), int(self.info["image_size"]))
         loader = DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
         out, bad = [], 0
         with torch.inference_mode(), tqdm(total=len(paths), desc="features", unit="img", disable=not self.progress,
                                           dynamic_ncols=True, mininterval=1.0) as bar:
-            for x, ok in loader:
-                x = x.to(self.device)
+            for batch in loader:
+                x, ok = batch["x"].to(self.device), batch["ok"]
                 f = self.model.backbone(x) if self.embedding else self.model.features(x)
                 f = f.float().reshape(len(x), -1) * ok.to(self.device).float()[:, None]
                 out.append(f.cpu().numpy())
