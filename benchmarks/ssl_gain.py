@@ -192,6 +192,10 @@ def algorithm_args(name: str, steps: int) -> dict:
                1/11, its variance at 1.0: every weight ~1); dist_uniform=false aligns the
                pool's predictions to the model's labeled predictions instead of to a uniform
                bracket histogram, which the model card's histogram is far from.
+    adamatch   ema_p = budget_ema(steps): its distribution alignment's two running means
+               (labeled and pool predictions) have the same 1,000-step memory as FreeMatch's.
+    uda, meanteacher  USB defaults (UDA: soft targets at T 0.4 above 0.8 confidence;
+               Mean Teacher: MSE to the EMA model's probabilities, ramped over 40% of the run).
     ordinal    its own defaults (aessl/algos/ordinal.py).
     rankmatch  its own defaults (aessl/algos/rankmatch.py: FixMatch's, rank_weight 0.3).
     rankflexmatch  its own defaults (FlexMatch's with thresh_warmup=false, rank_weight 0.3).
@@ -205,7 +209,8 @@ def algorithm_args(name: str, steps: int) -> dict:
         return dict(ABLATIONS[name][1])
     return {"flexmatch": {"thresh_warmup": False},
             "freematch": {"ema_p": ema},
-            "softmatch": {"ema_p": ema, "dist_uniform": False}}.get(name, {})
+            "softmatch": {"ema_p": ema, "dist_uniform": False},
+            "adamatch": {"ema_p": ema}}.get(name, {})
 
 
 def algorithm_of(row: str) -> str:

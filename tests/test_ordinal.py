@@ -93,22 +93,54 @@ def test_distribution_alignment_pulls_toward_the_prior():
     assert (aligned.mean(0) - prior).abs().sum() < (before - prior).abs().sum()
 
 
+def calibrated_posteriors(mix, n, seed):
+    """Posteriors of a classifier calibrated to PRIOR (1-D features x ~ N(bracket, 1)) for n
+    images whose brackets are drawn from `mix`."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.multinomial(torch.as_tensor(mix, dtype=torch.float32), n, replacement=True, generator=g)
+    x = y.float() + torch.randn(n, generator=g)
+    b = torch.arange(11, dtype=torch.float32)
+    logits = -((x[:, None] - b[None, :]) ** 2) / 2 + torch.log(torch.tensor(PRIOR, dtype=torch.float32))
+    return logits.softmax(-1)
+
+
+def test_the_pools_bracket_mix_is_estimated_not_assumed():
+    # a crawl-like pool: 4x the labeled share of brackets 0-1, fewer middling ones
+    pool = PRIOR.copy()
+    pool[:2] *= 4
+    pool[3:5] *= 0.6
+    pool /= pool.sum()
+    algo = make(pool_prior="estimated", prior_momentum=0.9, dist_align=False)
+    for step in range(500):  # EM moves slowly where brackets overlap: 500 batches of 128
+        algo.align(calibrated_posteriors(pool, 128, step))
+    est = algo.pool_estimate.numpy()
+    # EM's estimate is close to the pool's mix, far closer than the labeled histogram is
+    assert np.abs(est - pool).sum() < 0.25 * np.abs(PRIOR - pool).sum(), (est.round(3), pool.round(3))
+    assert est[:2].sum() > 2.5 * PRIOR[:2].sum()
+    # and that is what the thresholds share pseudo-labels out to; the default keeps the labeled prior
+    assert torch.equal(algo.target_prior(), algo.pool_estimate)
+    plain = make()
+    plain.align(calibrated_posteriors(pool, 256, 0))
+    assert torch.allclose(plain.target_prior(), torch.tensor(PRIOR, dtype=torch.float32))
+
+
 def test_state_survives_state_dict_round_trip():
-    a = make()
+    a = make(pool_prior="estimated")
     for _ in range(5):
         a.select(split_67(16))
         a.align(split_67(16))
     state = algos.AlgorithmState(a).state_dict()
-    b = make()
+    b = make(pool_prior="estimated")
     algos.AlgorithmState(b).load_state_dict(state)
-    for name in ("global_level", "offset", "accepted_share", "p_model"):
+    for name in ("global_level", "offset", "accepted_share", "p_model", "pool_estimate"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert torch.equal(a.current_thresholds(), b.current_thresholds())
 
 
 def test_ordinal_run_resumes_to_the_same_metrics(toy_data, tmp_path):
     common = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=4",
-              "train.eval_every=2", "train.save_every=2", "algorithm.name=ordinal", "algorithm.args.thresh_min=0.2"]
+              "train.eval_every=2", "train.save_every=2", "algorithm.name=ordinal", "algorithm.args.thresh_min=0.2",
+              "algorithm.args.pool_prior=estimated"]  # its running estimate is checkpointed state too
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run_script("train.py", *common, f"output_dir={whole}")
     assert kill_then_resume(common, broken, kill_at=3).returncode == 137

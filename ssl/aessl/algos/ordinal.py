@@ -16,9 +16,17 @@ below answers one of those facts and can be switched off for an ablation:
   moves until the share of accepted pseudo-labels in each bracket matches that bracket's
   share of the labeled prior: rare brackets (0, 8-10) keep getting pseudo-labels. Off: one
   threshold for all brackets, the global level.
-- dist_align: weak-view probabilities are multiplied by prior / EMA(model's mean
+- dist_align: weak-view probabilities are multiplied by target / EMA(model's mean
   prediction on the pool) and renormalised (ReMixMatch/AdaMatch), pulling pseudo-labels
-  toward the labeled bracket histogram. Off: raw probabilities.
+  toward the target bracket histogram. Off: raw probabilities.
+- pool_prior: that target, and the per-bracket controller's: `labeled` (the labeled
+  histogram) or `estimated`, the pool's own bracket mix estimated as it trains. A crawled
+  pool is not the labeled set's mix (the synthetic pool has 4x its share of brackets 0-1),
+  and aligning it to the labeled histogram relabels its junk as middling. The estimate is
+  EM for label shift (Saerens et al. 2002) run online: the model's posteriors are
+  re-weighted by estimate / labeled prior, and the estimate follows their mean (an EMA,
+  prior_momentum). Its fixed point is the EM solution for a model calibrated to the
+  labeled histogram.
 - score_loss_weight: an L1 term on the expected score (normalised to 0-1, as the model
   card's predictor was trained), on labeled images and on accepted pseudo-labels, besides
   the bracket cross-entropy. 0: bracket losses only.
@@ -74,10 +82,14 @@ class OrdinalMatch(AlgorithmBase):
         self.init(**{k: getattr(args, k) for k in (
             "T", "smooth_sigma", "ordinal_smoothing", "ordinal_conf", "conf_radius", "per_bracket_threshold",
             "thresh_min", "thresh_max", "thresh_momentum", "controller_rate", "dist_align", "da_momentum",
-            "score_loss_weight")})
+            "score_loss_weight", "pool_prior", "prior_momentum")})
 
     def init(self, T, smooth_sigma, ordinal_smoothing, ordinal_conf, conf_radius, per_bracket_threshold,
-             thresh_min, thresh_max, thresh_momentum, controller_rate, dist_align, da_momentum, score_loss_weight):
+             thresh_min, thresh_max, thresh_momentum, controller_rate, dist_align, da_momentum, score_loss_weight,
+             pool_prior="labeled", prior_momentum=0.9):
+        if pool_prior not in ("labeled", "estimated"):
+            raise ValueError(f"algorithm.args.pool_prior: {pool_prior!r} is neither 'labeled' nor 'estimated'")
+        self.estimate_prior, self.prior_momentum = pool_prior == "estimated", float(prior_momentum)
         self.T, self.smooth_sigma = float(T), float(smooth_sigma)
         self.use_smoothing, self.use_ordinal_conf = bool(ordinal_smoothing), bool(ordinal_conf)
         self.conf_radius = int(conf_radius) if ordinal_conf else 0
@@ -91,6 +103,7 @@ class OrdinalMatch(AlgorithmBase):
         self.offset = torch.zeros(NUM_BRACKETS)
         self.accepted_share = self.prior.clone()
         self.p_model = torch.full((NUM_BRACKETS,), 1.0 / NUM_BRACKETS)
+        self.pool_estimate = self.prior.clone()  # the pool's bracket mix (pool_prior=estimated)
 
     # ------------------------------------------------------------------ pieces
     def global_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -108,13 +121,28 @@ class OrdinalMatch(AlgorithmBase):
         total = self.global_sum(torch.cat([flat.sum(0), flat.new_tensor([len(rows)])]))
         return (total[:-1] / total[-1].clamp_min(1)).reshape(rows.shape[1:])
 
+    def target_prior(self) -> torch.Tensor:
+        """The bracket mix pseudo-labels are aligned and shared out to."""
+        return self.pool_estimate if self.estimate_prior else self.prior
+
+    def update_pool_estimate(self, probs: torch.Tensor) -> None:
+        """One online EM step for the pool's bracket mix from this batch's posteriors."""
+        if not self.estimate_prior:
+            return
+        est, prior = self.pool_estimate.to(probs.device), self.prior.to(probs.device)
+        shifted = probs.detach().float() * (est / prior)
+        shifted = shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        est = self.prior_momentum * est + (1 - self.prior_momentum) * self.global_mean_rows(shifted)
+        self.pool_estimate = est / est.sum()
+
     def align(self, probs: torch.Tensor) -> torch.Tensor:
+        self.update_pool_estimate(probs)
         if not self.use_dist_align:
             return probs
         self.p_model = self.p_model.to(probs.device)
         mean = self.global_mean_rows(probs.detach())
         self.p_model = self.da_momentum * self.p_model + (1 - self.da_momentum) * mean
-        aligned = probs * (self.prior.to(probs.device) / self.p_model.clamp_min(1e-6))
+        aligned = probs * (self.target_prior().to(probs.device) / self.p_model.clamp_min(1e-6))
         return aligned / aligned.sum(dim=-1, keepdim=True)
 
     def current_thresholds(self) -> torch.Tensor:
@@ -137,7 +165,7 @@ class OrdinalMatch(AlgorithmBase):
             share = counts / counts.sum()
             self.accepted_share = self.thresh_momentum * self.accepted_share + (1 - self.thresh_momentum) * share
             # over-represented brackets get stricter, under-represented ones more lenient
-            step = self.controller_rate * (self.accepted_share - self.prior)
+            step = self.controller_rate * (self.accepted_share - self.target_prior().cpu())
             self.offset = (self.offset + step).clamp(-0.5, 0.5)
         return mask, conf, centre
 
@@ -203,4 +231,6 @@ class OrdinalMatch(AlgorithmBase):
             SSL_Argument("--dist_align", str2bool, True, "align pseudo-labels to the labeled prior"),
             SSL_Argument("--da_momentum", float, 0.999, "EMA momentum of the model's pool distribution"),
             SSL_Argument("--score_loss_weight", float, 0.5, "weight of the expected-score L1 terms"),
+            SSL_Argument("--pool_prior", str, "labeled", "align to the 'labeled' histogram or the pool's 'estimated' mix"),
+            SSL_Argument("--prior_momentum", float, 0.9, "EMA momentum of the pool's estimated mix (each step is one EM step)"),
         ]
