@@ -124,6 +124,24 @@ def test_the_pools_bracket_mix_is_estimated_not_assumed():
     assert torch.allclose(plain.target_prior(), torch.tensor(PRIOR, dtype=torch.float32))
 
 
+def test_the_estimate_cannot_run_away_to_a_rare_bracket():
+    # a model that over-predicts bracket 10 (0.2% of the labels) makes EM see a pool full of
+    # it; on a real run, where the model then trains toward that estimate, it reached 70%
+    def biased(n, seed):
+        logp = calibrated_posteriors(PRIOR, n, seed).log()
+        logp[:, 10] += 3.0
+        return logp.softmax(-1)
+
+    free = make(pool_prior="estimated", prior_max_ratio=1e9, dist_align=False)
+    held = make(pool_prior="estimated", dist_align=False)
+    for step in range(300):
+        free.align(biased(128, step))
+        held.align(biased(128, step))
+    assert free.pool_estimate[10] > 10 * PRIOR[10]  # EM alone takes it to ~20x its labeled share
+    assert held.pool_estimate[10] <= 4 * PRIOR[10] * 1.001 and (held.pool_estimate.numpy() >= PRIOR / 4 * 0.999).all()
+    assert abs(float(held.pool_estimate.sum()) - 1) < 1e-5
+
+
 def test_state_survives_state_dict_round_trip():
     a = make(pool_prior="estimated")
     for _ in range(5):
