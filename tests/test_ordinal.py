@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from aessl import algorithms as algos
@@ -119,6 +120,8 @@ def test_the_pools_bracket_mix_is_estimated_not_assumed():
     assert est[:2].sum() > 2.5 * PRIOR[:2].sum()
     # and that is what the thresholds share pseudo-labels out to; the default keeps the labeled prior
     assert torch.equal(algo.target_prior(), algo.pool_estimate)
+    with pytest.raises(algos.AlgorithmArgumentError, match="pool_prior"):
+        make(pool_prior="crawl")
     plain = make()
     plain.align(calibrated_posteriors(pool, 256, 0))
     assert torch.allclose(plain.target_prior(), torch.tensor(PRIOR, dtype=torch.float32))

@@ -47,6 +47,7 @@ from semilearn.algorithms.utils import SSL_Argument, str2bool
 from semilearn.core.algorithmbase import AlgorithmBase
 from semilearn.core.utils import ALGORITHMS
 
+from ..algorithms import AlgorithmArgumentError
 from ..metrics import NUM_BRACKETS
 from ._shared import expected, three_views
 
@@ -92,7 +93,7 @@ class OrdinalMatch(AlgorithmBase):
              thresh_min, thresh_max, thresh_momentum, controller_rate, dist_align, da_momentum, score_loss_weight,
              pool_prior="labeled", prior_momentum=0.9, prior_max_ratio=4.0):
         if pool_prior not in ("labeled", "estimated"):
-            raise ValueError(f"algorithm.args.pool_prior: {pool_prior!r} is neither 'labeled' nor 'estimated'")
+            raise AlgorithmArgumentError(f"algorithm.args.pool_prior: {pool_prior!r} is neither 'labeled' nor 'estimated'")
         self.estimate_prior, self.prior_momentum = pool_prior == "estimated", float(prior_momentum)
         self.prior_max_ratio = float(prior_max_ratio)
         self.T, self.smooth_sigma = float(T), float(smooth_sigma)
