@@ -245,7 +245,7 @@ class OrdinalMatch(AlgorithmBase):
             SSL_Argument("--thresh_max", float, 0.98, "ceiling of every threshold"),
             SSL_Argument("--thresh_momentum", float, 0.99, "EMA momentum of the threshold statistics"),
             SSL_Argument("--controller_rate", float, 0.05, "how fast per-bracket offsets follow the prior"),
-            SSL_Argument("--dist_align", str2bool, True, "align pseudo-labels to the labeled prior"),
+            SSL_Argument("--dist_align", str2bool, True, "align pseudo-labels to the target mix (pool_prior)"),
             SSL_Argument("--da_momentum", float, 0.999, "EMA momentum of the model's pool distribution"),
             SSL_Argument("--score_loss_weight", float, 0.5, "weight of the expected-score L1 terms"),
             SSL_Argument("--pool_prior", str, "labeled", "align to the 'labeled' histogram or the pool's 'estimated' mix"),
