@@ -113,6 +113,31 @@ def test_views_are_deterministic_per_draw(odd_images):
     assert torch.equal(a, strong(img))
 
 
+def test_view_seeding_leaves_gpu_generators_alone(monkeypatch):
+    """A sample's augmentation seed reaches only the CPU generators the views draw from: not
+    the CUDA ones (dropout on the GPU with data.num_workers=0 would follow the data seeds),
+    and not torch.cuda's lazy seeding, which costs a traceback per call before CUDA starts."""
+    from aessl.data import augmentation_rng, seed_everything_for
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("augmentation seeding touched the CUDA generators")
+
+    torch.manual_seed(123)  # the caller's own stream, which augmentation_rng puts back
+    before = torch.rand(2)
+    torch.manual_seed(123)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
+    seed_everything_for(4, 5)
+    a = torch.rand(3)
+    with augmentation_rng(4, 5):
+        assert torch.equal(torch.rand(3), a)  # the same key gives the same views
+    monkeypatch.undo()
+    torch.manual_seed(123)
+    with augmentation_rng(4, 5):
+        torch.rand(3)
+    assert torch.equal(torch.rand(2), before)
+
+
 def test_16_bit_images_scale_by_their_depth_not_their_values(tmp_path):
     """A dark 16-bit PNG (every value <= 255) is dark, not taken for 8-bit and 257x too bright."""
     for name, value, lo, hi in (("dark", 200, 0, 5), ("mid", 32768, 120, 135), ("bright", 65000, 250, 256)):

@@ -633,11 +633,18 @@ class TableSources:
 
 
 def seed_everything_for(*key: int) -> None:
-    """Seed python, numpy and torch RNGs from a tuple of ints (one sample's augmentation)."""
+    """Seed python, numpy and torch's CPU RNGs from a tuple of ints (one sample's augmentation).
+
+    Only torch's CPU generator: the views are drawn on the CPU. torch.manual_seed would also
+    seed every CUDA generator, and before CUDA is initialised (a DataLoader worker, or any
+    CPU run) it records a Python traceback for a lazy replay on every call: that was a
+    third of a worker's time per image. In the training process (data.num_workers=0 on a
+    GPU) it also re-seeded the CUDA generator that dropout and drop-path draw from, which
+    augmentation_rng does not put back."""
     s = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2)
     random.seed(int(s[0]))
     np.random.seed(int(s[1]))
-    torch.manual_seed(int(s[0]) << 32 | int(s[1]))
+    torch.default_generator.manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
 class augmentation_rng:
