@@ -146,6 +146,68 @@ def build_algorithm(name: str, model, *, user_args: dict, num_train_iter: int, l
     return algo
 
 
+# Algorithms whose train_step forwards torch.cat((x_lb, x_ulb_w, x_ulb_s)) once and reads
+# the weak view's logits only detached (as pseudo-label source): the EMA teacher can stand
+# in for those rows. mixmatch, pimodel and meanteacher forward the views separately
+# (meanteacher has its own EMA teacher); pseudolabel uses no weak view.
+EMA_TEACHER_ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch", "uda", "adamatch",
+                          "rankmatch", "rankflexmatch", "ordinal")
+
+
+class EmaTeacher(torch.nn.Module):
+    """The model an algorithm sees with algorithm.teacher=ema.
+
+    The student forwards the whole (labeled, weak, strong) batch as always (gradients,
+    batch-norm statistics); then the weak view's rows of the logits, the ones every
+    algorithm in EMA_TEACHER_ALGORITHMS turns into pseudo-labels, thresholds and
+    distribution estimates, are replaced by the EMA teacher's logits (eval mode, no
+    gradient). The teacher is the model the loop evaluates and exports, so the pool images
+    training accepted are the ones export accepts. `views(n_lb, n_ulb)` is set by the loop
+    before each step; a forward of any other shape passes through untouched."""
+
+    def __init__(self, student: torch.nn.Module, ema, autocast=nullcontext):
+        super().__init__()
+        self.student = student
+        self._ema = (ema,)  # not a submodule: the optimiser and checkpoints must not see it twice
+        self._autocast = autocast
+        self.n_lb = self.n_ulb = None
+
+    def views(self, n_lb: int | None, n_ulb: int | None) -> None:
+        self.n_lb, self.n_ulb = n_lb, n_ulb
+
+    def forward(self, x, *args, **kwargs):
+        out = self.student(x, *args, **kwargs)
+        n_lb, n_ulb = self.n_lb, self.n_ulb
+        if n_ulb is None or x.shape[0] != n_lb + 2 * n_ulb:
+            return out
+        teacher = self._ema[0].module
+        was_training = teacher.training
+        teacher.eval()
+        with torch.no_grad(), self._autocast():
+            weak = teacher(x[n_lb:n_lb + n_ulb])["logits"]
+        teacher.train(was_training)
+        logits = out["logits"]
+        logits = torch.cat((logits[:n_lb], weak.to(logits.dtype), logits[n_lb + n_ulb:]))
+        return {**out, "logits": logits}
+
+
+def use_ema_teacher(algo, name: str, model, ema, autocast=nullcontext) -> None:
+    """Let the EMA teacher make `algo`'s pseudo-labels (algorithm.teacher=ema)."""
+    if name not in EMA_TEACHER_ALGORITHMS:
+        raise AlgorithmArgumentError(
+            f"algorithm.teacher: 'ema' works with {', '.join(EMA_TEACHER_ALGORITHMS)}, not {name!r} "
+            "(it reads its unlabeled views through other forwards, or has no unlabeled view)")
+    algo.model = EmaTeacher(model, ema, autocast)
+
+
+def set_views(algo, batch: dict) -> None:
+    """Tell an EMA-teacher model how this step's batch splits into labeled and weak rows."""
+    if isinstance(getattr(algo, "model", None), EmaTeacher):
+        w = batch.get("x_ulb_w")
+        lb = batch.get("x_lb")
+        algo.model.views(None if lb is None else len(lb), None if w is None else len(w))
+
+
 def step_inputs(algo, batch: dict) -> dict:
     """The batch keys the algorithm's train_step takes, nothing else."""
     params = inspect.signature(algo.train_step).parameters

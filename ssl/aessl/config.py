@@ -129,6 +129,10 @@ class AlgorithmConfig:
     name: str = "rankmatch"  # supervised | fixmatch | rankmatch | flexmatch | freematch | softmatch | ... | ordinal
     lambda_u: float = _num(1.0, ge=0.0)  # weight of the unlabeled loss
     args: Dict[str, Any] = field(default_factory=dict)  # algorithm-specific arguments (T, p_cutoff, ...), USB names
+    # who makes the pseudo-labels: model = the student being trained (USB's way); ema = the EMA
+    # teacher the loop evaluates and exports (train.ema_decay), for fixmatch, flexmatch,
+    # freematch, softmatch, uda, adamatch, rankmatch, rankflexmatch and ordinal
+    teacher: str = _one_of("model", "ema", default="model")
 
 
 @dataclass

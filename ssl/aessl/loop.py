@@ -341,6 +341,8 @@ def build_training(run: Run, data: Data, model: torch.nn.Module) -> Training:
     uses_pool = bool({"x_ulb_w", "x_ulb_s"} & set(algos.step_inputs(algo, {"x_ulb_w": 0, "x_ulb_s": 0})))
     if uses_pool and data.pool is None:
         raise RunRefused(f"algorithm {cfg.algorithm.name!r} needs an unlabeled pool: set data.unlabeled=")
+    if cfg.algorithm.teacher == "ema":
+        algos.use_ema_teacher(algo, cfg.algorithm.name, model, ema, run.accelerator.autocast)
     return Training(model, optimizer, scheduler, ema, algo, algos.AlgorithmState(algo), uses_pool, lb_hist, index_size)
 
 
@@ -490,6 +492,7 @@ class Trainer:
         tcfg, acc, t = self.run.cfg.train, self.run.accelerator, self.t
         for _ in range(tcfg.grad_accum):
             batch = self.next_batch()
+            algos.set_views(t.algo, batch)
             with acc.accumulate(t.model):
                 out, log_dict = t.algo.train_step(**algos.step_inputs(t.algo, batch))
                 loss = out["loss"]
