@@ -170,7 +170,7 @@ ABLATIONS = {  # an algorithm with one part switched off (--ablation [ordinal ra
     # RankMatch on FlexMatch without pool pairs: FlexMatch + the ranking term on labeled pairs
     "rankflexmatch-no_pool_ranking": ("rankflexmatch", {"rank_margin": 1000}, []),
 }
-VARIANTS: dict[str, tuple[str, dict]] = {}  # --variant rows: row -> (algorithm, its args on top of the defaults)
+VARIANTS: dict[str, tuple[str, dict, list]] = {}  # --variant rows: row -> (algorithm, its args on top of the defaults, overrides)
 METRICS = ["qwk", "mae", "spearman", "false_positive_rate", "top_k_precision"] + [f"recall_{b}" for b in range(11)]
 
 
@@ -203,7 +203,7 @@ def algorithm_args(name: str, steps: int) -> dict:
     """
     ema = round(lib.budget_ema(steps), 4)
     if name in VARIANTS:
-        algo, extra = VARIANTS[name]
+        algo, extra, _ = VARIANTS[name]
         return {**algorithm_args(algo, steps), **extra}
     if name in ABLATIONS:
         return dict(ABLATIONS[name][1])
@@ -321,7 +321,13 @@ def algorithm_overrides(row: str, steps: int) -> list[str]:
     trains its rows through this too."""
     args = [f"algorithm.args.{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in algorithm_args(row, steps).items()]
-    return [f"algorithm.name={algorithm_of(row)}", *args, *(ABLATIONS[row][2] if row in ABLATIONS else [])]
+    return [f"algorithm.name={algorithm_of(row)}", *args, *row_overrides(row)]
+
+
+def row_overrides(row: str) -> list[str]:
+    """An ablation's or a variant's own config overrides beyond algorithm.args (e.g.
+    algorithm.lambda_u=0, algorithm.teacher=ema)."""
+    return list((ABLATIONS.get(row) or VARIANTS.get(row) or ("", {}, []))[2])
 
 
 def run_overrides(row: str, manifests: dict, data: dict, seed: int, steps: int) -> list[str]:
@@ -568,7 +574,7 @@ def args_table(rows, scale: dict, modes) -> list[str]:
     for row in rows:
         if row in CEILINGS:
             continue
-        extra = ABLATIONS[row][2] if row in ABLATIONS else []  # e.g. algorithm.lambda_u=0
+        extra = row_overrides(row)  # e.g. algorithm.lambda_u=0
         cells = [", ".join([f"{k}={v}" for k, v in algorithm_args(row, recipe(scale, m)["steps"]).items()] + extra)
                  or "USB/our defaults" for m in modes]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -624,7 +630,8 @@ def parse_args(argv=None):
                    help="add these algorithms (none named: both) with each part switched off")
     p.add_argument("--variant", nargs="+", default=[], metavar="ROW=ALGO[:key=value,...]",
                    help="extra rows to tune with: an algorithm with its algorithm.args, e.g. "
-                        "rankflexmatch-w1=rankflexmatch:rank_weight=1.0")
+                        "rankflexmatch-w1=rankflexmatch:rank_weight=1.0; a dotted key is a config override, "
+                        "e.g. flexmatch-ema=flexmatch:algorithm.teacher=ema")
     p.add_argument("--out", default=None, help="work folder (default benchmarks/work/ssl_gain-<scale>)")
     p.add_argument("--md", default=None, help="Markdown (default benchmarks/work/ssl_gain-<scale>.md)")
     p.add_argument("--json", default=None, help="JSON (default benchmarks/work/ssl_gain-<scale>.json)")
@@ -651,13 +658,16 @@ def parse_variant(p, text: str) -> str:
     algo, _, kv = rest.partition(":")
     if not sep or not row or not algo or row in ALGORITHMS or row in (*CEILINGS, FLOOR):
         p.error(f"--variant {text!r}: expected NEW_ROW=ALGORITHM[:key=value,...]")
-    args = {}
+    args, overrides = {}, []
     for item in filter(None, kv.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             p.error(f"--variant {text!r}: {item!r} is not key=value")
-        args[key] = yaml.safe_load(value)
-    VARIANTS[row] = (algo, args)
+        if "." in key:
+            overrides.append(item)
+        else:
+            args[key] = yaml.safe_load(value)
+    VARIANTS[row] = (algo, args, overrides)
     return row
 
 

@@ -141,3 +141,22 @@ def test_summarize_setting_picks_the_better_ceiling_per_metric():
     rows[ORACLE] = rows[X4] = reps([0.51, 0.53], [0.89, 0.87])  # ceilings within 0.05 of the floor
     s = summarize_setting(rows)
     assert not s["useful"] and s["shown"] == {"qwk": False, "mae": False}
+
+
+def test_variant_rows_carry_algorithm_args_and_config_overrides():
+    """--variant ROW=ALGO:key=value,...: plain keys are the algorithm's args, dotted keys
+    config overrides; both reach the row's train.py command, on top of the algorithm's
+    benchmark defaults."""
+    import ssl_gain
+
+    args = ssl_gain.parse_args(["--scale", "smoke", "--algorithms", "supervised", "--variant",
+                                "fm-ema=flexmatch:p_cutoff=0.9,algorithm.teacher=ema,train.ema_decay=0.95"])
+    assert "fm-ema" in args.rows and ssl_gain.algorithm_of("fm-ema") == "flexmatch"
+    over = ssl_gain.algorithm_overrides("fm-ema", 1000)
+    assert over[0] == "algorithm.name=flexmatch"
+    assert {"algorithm.args.thresh_warmup=false", "algorithm.args.p_cutoff=0.9", "algorithm.teacher=ema",
+            "train.ema_decay=0.95"} <= set(over)
+    assert ssl_gain.algorithm_overrides("flexmatch", 1000) == ["algorithm.name=flexmatch",
+                                                               "algorithm.args.thresh_warmup=false"]
+    with pytest.raises(SystemExit):
+        ssl_gain.parse_args(["--variant", "bad=flexmatch:teacher"])
