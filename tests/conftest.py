@@ -176,11 +176,19 @@ def train_until_killed(script_args, output_dir, kill_at, env=None, launcher=None
 KILLED = 137  # the exit code of the AESSL_KILL_AT_STEP hook (os._exit(137), as SIGKILL)
 
 
-def kill_then_resume(script_args, output_dir, kill_at, env=None, launcher=None) -> subprocess.CompletedProcess:
+def kill_then_resume(script_args, output_dir, kill_at, env=None, launcher=None,
+                     in_process=None) -> subprocess.CompletedProcess:
     """train_until_killed, then the same arguments with resume=true (which must succeed).
     Returns the killed run's process for the caller to assert on; where it did not exit
-    KILLED, it returns without resuming, so that assertion reports the kill, not the resume."""
+    KILLED, it returns without resuming, so that assertion reports the kill, not the resume.
+    The kill is always a real process dying; the resume runs in this process (a Python start
+    saved) unless it needs its own environment or launcher, or in_process=False."""
     killed = train_until_killed(script_args, output_dir, kill_at, env=env, launcher=launcher)
     if killed.returncode == KILLED:
-        run_script("train.py", *script_args, f"output_dir={output_dir}", "resume=true", env=env, launcher=launcher)
+        if in_process is None:
+            in_process = env is None and launcher is None
+        if in_process:
+            assert script_in_process("train.py", *script_args, f"output_dir={output_dir}", "resume=true") == 0
+        else:
+            run_script("train.py", *script_args, f"output_dir={output_dir}", "resume=true", env=env, launcher=launcher)
     return killed

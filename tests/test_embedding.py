@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from conftest import (EMB, ROOT, TINY, data_args, kill_then_resume, make_pool, make_scored_set, read_metrics,
-                      report_main, run_script, train_in_process, two_process_launcher)
+                      report_main, run_script, script_in_process, train_in_process, two_process_launcher)
 
 from aessl import data as data_module
 from aessl import embedding as emb
@@ -356,7 +356,7 @@ def test_killed_embedding_run_resumes_like_an_uninterrupted_one(data, tmp_path):
               f"embed.cache_dir={tmp_path / 'cache'}", "train.steps=8", "train.eval_every=4", "train.save_every=4",
               "algorithm.name=freematch"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_script("train.py", *common, f"output_dir={whole}")
+    assert script_in_process("train.py", *common, f"output_dir={whole}") == 0
     assert kill_then_resume(common, broken, kill_at=6).returncode == 137
     assert read_metrics(whole) == read_metrics(broken)
 

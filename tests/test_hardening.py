@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, TINY, data_args, kill_then_resume, make_pool, make_scored_set, read_metrics, run_script,
-                      train_in_process)
+from conftest import (ROOT, TINY, data_args, kill_then_resume, make_pool, make_scored_set, read_metrics,
+                      script_in_process, train_in_process)
 
 
 # --------------------------------------------------------------------------- streamed pools
@@ -89,7 +89,7 @@ def test_streamed_run_with_flexmatch_resumes_exactly(toy_data, tmp_path):
               f"data.test={toy_data['test']}", f"data.unlabeled={tmp_path / 'saved'}", "data.streaming=true",
               "data.num_workers=2", "data.stream_index_size=4096", "algorithm.name=flexmatch", "train.steps=6",
               "train.eval_every=3", "train.save_every=3"]
-    run_script("train.py", *common, f"output_dir={tmp_path / 'whole'}")
+    assert script_in_process("train.py", *common, f"output_dir={tmp_path / 'whole'}") == 0
     assert kill_then_resume(common, tmp_path / "broken", kill_at=4).returncode == 137
     assert read_metrics(tmp_path / "whole") == read_metrics(tmp_path / "broken")
 

@@ -12,7 +12,7 @@ from aessl import algorithms as algos
 from aessl.metrics import accepted_by_threshold
 from aessl.models import build_model
 from aessl.algos.ordinal import soft_targets, window_mass
-from conftest import ROOT, TINY, data_args, kill_then_resume, read_metrics, run_script
+from conftest import ROOT, TINY, data_args, kill_then_resume, read_metrics, script_in_process
 
 PRIOR = np.array([31, 162, 533, 675, 690, 576, 228, 95, 54, 29, 7], dtype=float)
 PRIOR = PRIOR / PRIOR.sum()
@@ -163,7 +163,7 @@ def test_ordinal_run_resumes_to_the_same_metrics(toy_data, tmp_path):
               "train.eval_every=2", "train.save_every=2", "algorithm.name=ordinal", "algorithm.args.thresh_min=0.2",
               "algorithm.args.pool_prior=estimated"]  # its running estimate is checkpointed state too
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_script("train.py", *common, f"output_dir={whole}")
+    assert script_in_process("train.py", *common, f"output_dir={whole}") == 0
     assert kill_then_resume(common, broken, kill_at=3).returncode == 137
     assert read_metrics(whole) == read_metrics(broken)
     m = read_metrics(whole)[-1]

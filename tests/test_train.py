@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (EMB, ROOT, TINY, data_args, make_pool, make_scored_set, read_metrics, run_script, train_in_process,
-                      train_until_killed, two_process_launcher)
+from conftest import (EMB, ROOT, TINY, data_args, make_pool, make_scored_set, read_metrics, run_script,
+                      script_in_process, train_in_process, train_until_killed, two_process_launcher)
 
 
 REQUIRED_KEYS = {"step", "mae", "qwk", "spearman", "accuracy", "accuracy_within_1", "false_positive_rate",
@@ -25,14 +25,14 @@ def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
               "train.eval_every=3", "train.save_every=3", "algorithm.name=flexmatch", "data.num_workers=2",
               "model.drop_rate=0.3"]  # dropout: the random generators must resume too
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_script("train.py", *common, f"output_dir={whole}")
+    assert script_in_process("train.py", *common, f"output_dir={whole}") == 0  # the reference: no Python start
     killed = train_until_killed(common, broken, kill_at=5)
     assert killed.returncode == 137
     assert not (broken / "model").exists()
     # a checkpoint write interrupted half-way leaves a temp folder: it must be ignored
     (broken / "checkpoints" / ".tmp-step_0000006").mkdir()
     assert [p.name for p in (broken / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_0000003"]
-    run_script("train.py", *common, f"output_dir={broken}", "resume=true")
+    assert script_in_process("train.py", *common, f"output_dir={broken}", "resume=true") == 0
     a, b = read_metrics(whole), read_metrics(broken)
     assert [m["step"] for m in b] == [3, 6]
     assert a == b  # every figure, algorithm thresholds included, identical
