@@ -137,7 +137,7 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _num(1200, ge=1)
+    steps: int = _num(800, ge=1)
     batch_size: int = _num(32, ge=1)  # labeled images per step per process
     uratio: int = _num(2, ge=1)  # unlabeled images per labeled image
     optimizer: str = _one_of("adamw", "sgd", default="adamw")
