@@ -354,7 +354,7 @@ def test_embedding_model_trains_then_scores_images_in_export_and_report(data, tm
 def test_killed_embedding_run_resumes_like_an_uninterrupted_one(data, tmp_path):
     common = ["--config", ROOT / "configs" / "demo.yaml", *TINY, *EMB, *data_args(data),
               f"embed.cache_dir={tmp_path / 'cache'}", "train.steps=8", "train.eval_every=4", "train.save_every=4",
-              "algorithm.name=freematch"]
+              "algorithm.name=freematch", "data.balance_labeled=1.0"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert script_in_process("train.py", *common, f"output_dir={whole}") == 0
     assert kill_then_resume(common, broken, kill_at=6).returncode == 137

@@ -23,7 +23,8 @@ REQUIRED_KEYS = {"step", "mae", "qwk", "spearman", "accuracy", "accuracy_within_
 def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
     common = ["--config", ROOT / "configs/demo.yaml", *TINY, *data_args(toy_data), "train.steps=6",
               "train.eval_every=3", "train.save_every=3", "algorithm.name=flexmatch", "data.num_workers=2",
-              "model.drop_rate=0.3"]  # dropout: the random generators must resume too
+              "model.drop_rate=0.3",  # dropout: the random generators must resume too
+              "data.balance_labeled=0.5"]  # weighted labeled draws resume like the plain permutation
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert script_in_process("train.py", *common, f"output_dir={whole}") == 0  # the reference: no Python start
     killed = train_until_killed(common, broken, kill_at=5)

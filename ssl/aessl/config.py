@@ -62,6 +62,9 @@ class DataConfig:
     crop_pct: float = _num(1.0, gt=0.0, le=1.0)  # eval view keeps the whole image: composition is part of aesthetics
     num_workers: int = _num(2, ge=0)
     max_unlabeled: Optional[int] = _num(None, ge=1)  # use at most this many pool images (quick experiments)
+    # Draw labeled images with weight (their bracket's count)^-balance_labeled: 0 = each once an
+    # epoch (uniform), 1 = every bracket equally often, 0.5 = between (rare brackets 0-1, 8-10)
+    balance_labeled: float = _num(0.0, ge=0.0, le=1.0)
     # Slots for per-image algorithm state (FlexMatch) when a streamed pool has no known
     # length: images are placed by a hash of their name.
     stream_index_size: int = _num(1048576, ge=1)

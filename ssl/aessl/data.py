@@ -668,6 +668,27 @@ class augmentation_rng:
         return False
 
 
+def draw_order(n: int, seed: int, stream: int, epoch: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Which row each of one epoch's n draws reads, a pure function of (seed, stream, epoch),
+    so that any process and a resumed run agree. Without weights a permutation (every row
+    once an epoch); with weights (summing to 1) n rows drawn with replacement."""
+    rng = np.random.default_rng([int(seed), int(stream), int(epoch)])
+    if weights is None:
+        return rng.permutation(n)
+    return rng.choice(n, size=n, p=weights)
+
+
+def balance_weights(scores, power: float) -> np.ndarray | None:
+    """data.balance_labeled: each labeled row drawn with weight (its bracket's count)^-power,
+    normalised. 0: uniform (None, the plain permutation); 1: every bracket drawn equally
+    often; 0.5 in between (a bracket with 4x the rows is drawn 2x as often, not 4x)."""
+    if not power:
+        return None
+    b = bracket_of(np.asarray(scores, dtype=np.float64))
+    w = np.bincount(b, minlength=NUM_BRACKETS)[b].astype(np.float64) ** -float(power)
+    return w / w.sum()
+
+
 class DrawDataset(Dataset):
     """Indexed by global draw number (see module docstring); returns the training views.
 
@@ -680,7 +701,8 @@ class DrawDataset(Dataset):
 
     MAX_RETRIES = 64
 
-    def __init__(self, table, kind: str, weak, strong=None, seed: int = 0, stream: int = 0, targets=None):
+    def __init__(self, table, kind: str, weak, strong=None, seed: int = 0, stream: int = 0, targets=None,
+                 balance: float = 0.0):
         self.table = table
         self.kind = kind
         self.weak, self.strong = weak, strong
@@ -688,15 +710,17 @@ class DrawDataset(Dataset):
         self.n = len(table)
         self._perm_epoch, self._perm = None, None
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
+        self.weights = None
         if kind == "labeled":
             self.scores = np.asarray(table["score"], dtype=np.float32)
+            self.weights = balance_weights(self.scores, balance)
 
     def __len__(self):
         return self.n
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+            self._perm = draw_order(self.n, self.seed, self.stream, epoch, self.weights)
             self._perm_epoch = epoch
         return self._perm
 

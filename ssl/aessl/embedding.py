@@ -55,7 +55,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import faults
-from .data import SOURCE_CHUNK, RangeBatches, TableSources, seed_everything_for, worker_init
+from .data import (SOURCE_CHUNK, RangeBatches, TableSources, balance_weights, draw_order, seed_everything_for,
+                   worker_init)
 from .heads import EmbeddingError
 from .images import UnreadableImage, describe, load_image
 from .locks import FolderLock, FolderLocked, pid_alive
@@ -706,13 +707,14 @@ class FeatureDraws(Dataset):
     Python), so the DataLoader's collate is the identity."""
 
     def __init__(self, feats: FeatureTable, kind: str, views: int, scores=None, seed: int = 0, stream: int = 0,
-                 strong_view: str = "weak", strong_noise: float = 0.0, targets=None):
+                 strong_view: str = "weak", strong_noise: float = 0.0, targets=None, balance: float = 0.0):
         self.feats, self.kind, self.views = feats, kind, int(views)
         self.seed, self.stream = int(seed), int(stream)
         self.strong_view, self.strong_noise = strong_view, float(strong_noise)
         self.n = len(feats)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)  # [n, 11], labeled only
+        self.weights = None if self.scores is None else balance_weights(self.scores, balance)
         self._perms = {}
 
     def __len__(self):
@@ -720,7 +722,7 @@ class FeatureDraws(Dataset):
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)}
+            self._perms = {epoch: draw_order(self.n, self.seed, self.stream, epoch, self.weights)}
         return self._perms[epoch]
 
     def __getitems__(self, draws: list[int]) -> dict:

@@ -67,7 +67,8 @@ class ImageMode:
         ubsz = bsz * cfg.train.uratio
         weak, strong = train_transforms(self.info, cfg.augment)
         lb_table, lb_targets = (data.train_set, None) if data.pseudo is None else data.pseudo.image_stream(data.train_set)
-        labeled = iter(self._loader(run, DrawDataset(lb_table, "labeled", weak, seed=seed, stream=0, targets=lb_targets),
+        labeled = iter(self._loader(run, DrawDataset(lb_table, "labeled", weak, seed=seed, stream=0, targets=lb_targets,
+                                                     balance=dcfg.balance_labeled),
                                     bsz, start_micro))
         unlabeled = None
         if training.uses_pool and hasattr(data.pool, "__len__"):
@@ -145,7 +146,8 @@ class EmbeddingMode:
         start_micro = micro_batches_done(cfg, progress)
         table, scores, targets = self.labeled
         labeled = iter(self._loader(run, emb.FeatureDraws(table, "labeled", views, scores=scores, targets=targets,
-                                                          seed=seed, stream=0), bsz, start_micro))
+                                                          seed=seed, stream=0, balance=cfg.data.balance_labeled),
+                                     bsz, start_micro))
         unlabeled = None
         if training.uses_pool:
             draws = emb.FeatureDraws(tables["pool"], "unlabeled", views, seed=seed, stream=1,
