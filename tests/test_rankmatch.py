@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -75,17 +76,66 @@ def test_labels_only_ablation_never_reads_the_pool(toy_data, tmp_path):
     assert not same(weights(toy_data["unlabeled"], *ranked), weights(other_pool, *ranked))
 
 
-def test_rankflexmatch_exports_flexmatchs_per_bracket_thresholds(toy_data, tmp_path):
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_rankflexmatch_exports_flexmatchs_per_bracket_thresholds(floor, toy_data, tmp_path):
     """RankMatch on FlexMatch: the ranking term trains, and the thresholds exported are
     FlexMatch's per-bracket ones (p_cutoff x each bracket's learning effect, in [0, p_cutoff]),
-    not FixMatch's p_cutoff for every bracket. (Resuming FlexMatch's hooks: test_train.py.)"""
+    not FixMatch's p_cutoff for every bracket; with thresh_min, none below it. (Resuming
+    FlexMatch's hooks: test_train.py.)"""
     run = tmp_path / "run"
     assert train_in_process(*data_args(toy_data), "algorithm.name=rankflexmatch", "train.steps=4", "train.eval_every=4",
-                            "train.save_every=4", "algorithm.args.p_cutoff=0.5", f"output_dir={run}") == 0
+                            "train.save_every=4", "algorithm.args.p_cutoff=0.5", f"algorithm.args.thresh_min={floor}",
+                            f"output_dir={run}") == 0
     m = read_metrics(run)[-1]
     assert m["step"] == 4 and m["rank_loss"] > 0 and 0 <= m["pseudo_label_rate"] <= 1
     info = json.loads((run / "model" / "config.json").read_text())
     thr = info["thresholds"]
     assert info["algorithm"] == "rankflexmatch" and len(thr) == 11
-    assert all(0.0 <= t <= 0.5 for t in thr) and thr != [0.5] * 11
+    assert all(floor <= t <= 0.5 for t in thr) and thr != [0.5] * 11
+    assert min(thr) == floor  # a bracket no pool image reached p_cutoff in: FlexMatch's 0, or the floor
     assert thr == [round(m[f"threshold_{b}"], 6) for b in range(11)]  # the last evaluation's, as logged
+
+
+def test_rankflexmatch_floor_masks_what_falls_below_it():
+    """thresh_min masks a pool image FlexMatch's own threshold (0 for an unlearned bracket)
+    would accept, in training as in the exported thresholds."""
+    from types import SimpleNamespace
+
+    from aessl.algos.rankmatch import rank_step
+
+    probs = torch.tensor([[0.9] + [0.01] * 10, [0.2] + [0.08] * 10])  # confident, unconfident
+    logits = probs.log()
+
+    class Algo(SimpleNamespace):
+        def amp_cm(self):
+            return contextlib.nullcontext()
+
+        def model(self, x):
+            return {"logits": torch.cat([logits[:1], logits, logits])}
+
+        def call_hook(self, fn, hook, **kw):
+            if fn == "masking":
+                return torch.ones(len(kw["logits_x_ulb"]))  # FlexMatch with every threshold 0
+            return kw["logits"].argmax(-1)
+
+        def ce_loss(self, logits, y, reduction="mean"):
+            return torch.nn.functional.cross_entropy(logits, y)
+
+        def compute_prob(self, logits):
+            return logits.softmax(-1)
+
+        def consistency_loss(self, logits, targets, name, mask):
+            self.mask = mask
+            return logits.sum() * 0.0
+
+        def process_out_dict(self, **kw):
+            return kw
+
+        def process_log_dict(self, **kw):
+            return kw
+
+    for floor, want in ((0.0, [1.0, 1.0]), (0.5, [1.0, 0.0])):
+        algo = Algo(lambda_u=1.0, rank_weight=0.0, rank_margin=1.0, rank_tau=1.0, thresh_min=floor,
+                    use_hard_label=True, T=1.0)
+        _, log = rank_step(algo, torch.zeros(1, 3), torch.tensor([0]), torch.zeros(2, 3), torch.zeros(2, 3), None, {})
+        assert algo.mask.tolist() == want and log["util_ratio"] == sum(want) / 2

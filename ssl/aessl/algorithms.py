@@ -259,7 +259,7 @@ def _freematch_thresholds(algo) -> torch.Tensor:
 def _flexmatch_thresholds(algo) -> torch.Tensor:
     """Curriculum: p_cutoff scaled by each class's learning effect (convex mapping)."""
     acc = algo.hooks_dict["MaskingHook"].classwise_acc
-    return algo.p_cutoff * (acc / (2.0 - acc))
+    return (algo.p_cutoff * (acc / (2.0 - acc))).clamp(min=getattr(algo, "thresh_min", 0.0))  # rankflexmatch's floor
 
 
 # USB algorithms whose thresholds live in their hooks, by algorithm name. Any other with a

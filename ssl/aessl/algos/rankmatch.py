@@ -16,7 +16,9 @@ weak view's expected scores are at least `rank_margin` brackets apart, which a p
 of any bracket can reach, the rare ones included (FixMatch's 0.95 cutoff rarely accepts
 them). FixMatch's part is USB's, hooks and all (`p_cutoff`, `T`, `hard_label`).
 
-`rankflexmatch` is the same ranking term on FlexMatch instead: per-bracket thresholds that
+`rankflexmatch` is the same ranking term on FlexMatch instead (`rank_weight=0`: FlexMatch
+itself; `thresh_min`: a floor under its thresholds, which are 0 for a bracket no pool image
+has yet reached p_cutoff in): per-bracket thresholds that
 follow how often each bracket is confidently predicted (curriculum pseudo-labelling), so the
 rare high brackets are not held to FixMatch's 0.95, which in image mode with `test_resnet`
 accepted only the commonest shaded bracket, 5, for pool images of brackets 6-10
@@ -58,6 +60,9 @@ def rank_step(algo, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score, masking: dict):
 
         probs_w = algo.compute_prob(logits_w.detach())
         mask = algo.call_hook("masking", "MaskingHook", logits_x_ulb=probs_w, softmax_x_ulb=False, **masking)
+        floor = getattr(algo, "thresh_min", 0.0)
+        if floor > 0:  # rankflexmatch: no bracket's threshold below thresh_min
+            mask = mask * (probs_w.max(dim=-1).values >= floor).to(mask.dtype)
         pseudo = algo.call_hook("gen_ulb_targets", "PseudoLabelingHook", logits=probs_w,
                                 use_hard_label=algo.use_hard_label, T=algo.T, softmax=False)
         unsup_loss = algo.consistency_loss(logits_s, pseudo, "ce", mask=mask)
@@ -110,6 +115,7 @@ class RankFlexMatch(FlexMatch):
     def __init__(self, args, net_builder, tb_log=None, logger=None):
         super().__init__(args, net_builder, tb_log, logger)
         _set_rank_args(self, args)
+        self.thresh_min = float(args.thresh_min)
 
     def train_step(self, x_lb, y_lb, idx_ulb, x_ulb_w, x_ulb_s, y_score=None):
         return rank_step(self, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score, {"idx_ulb": idx_ulb})
@@ -119,4 +125,7 @@ class RankFlexMatch(FlexMatch):
         flex = [a for a in FlexMatch.get_argument() if a.name != "--thresh_warmup"]
         return [*flex, SSL_Argument("--thresh_warmup", str2bool, False,
                                     "FlexMatch's warm-up (off: benchmarks/ssl_gain.py algorithm_args says why)"),
+                SSL_Argument("--thresh_min", float, 0.0,
+                             "floor of every bracket's threshold (FlexMatch's is 0 for a bracket no pool image "
+                             "has yet reached p_cutoff in); 0: FlexMatch's own"),
                 *rank_arguments()]
