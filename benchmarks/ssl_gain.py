@@ -135,6 +135,10 @@ SCALES = {
 # test_resnet 0.736 QWK against test_convnext3's 0.562, supervised, 600 steps at 64 px): does
 # the pool still pay when the network under it is stronger?
 SCALES["cpu-small-resnet"] = {**SCALES["cpu-small"], "image": {**SCALES["cpu-small"]["image"], "model": "test_resnet"}}
+# The same with 3x the steps (~10 passes over the pool instead of ~3): does the pool pay once
+# the unlabeled loss has time to act, and the labels alone time to overfit?
+SCALES["cpu-small-resnet-3k"] = {**SCALES["cpu-small-resnet"],
+                                 "image": {**SCALES["cpu-small-resnet"]["image"], "steps": 3000}}
 # Embedding mode on cpu-small's data: long schedules are cheap once the features are cached.
 # The backbone is pretrained for 150 steps only (its own test QWK ~0.56), the stand-in for
 # general-purpose weights that were not trained on these brackets. With the 1,000-step
