@@ -175,6 +175,11 @@ ABLATIONS = {  # an algorithm with one part switched off (--ablation [ordinal ra
     "rankflexmatch-no_pool_ranking": ("rankflexmatch", {"rank_margin": 1000}, []),
 }
 VARIANTS: dict[str, tuple[str, dict, list]] = {}  # --variant rows: row -> (algorithm, its args on top of the defaults, overrides)
+# Soft-labelling rows: row -> the row whose runs are its teachers (same data seed and training
+# seed). `softlabel` is taught by the floor; --variant NAME=softlabel:teacher=ROW[,student=ALGO]
+# by any row listed before it (e.g. FlexMatch: a second round on the best SSL model's export),
+# its student supervised unless `student` names an algorithm (which then also draws the pool).
+TEACHERS: dict[str, str] = {SOFT: FLOOR}
 METRICS = ["qwk", "mae", "spearman", "false_positive_rate", "top_k_precision"] + [f"recall_{b}" for b in range(11)]
 
 
@@ -579,7 +584,9 @@ def args_table(rows, scale: dict, modes) -> list[str]:
         if row in CEILINGS:
             continue
         extra = row_overrides(row)  # e.g. algorithm.lambda_u=0
-        cells = [", ".join([f"{k}={v}" for k, v in algorithm_args(row, recipe(scale, m)["steps"]).items()] + extra)
+        teacher = [f"teacher={TEACHERS[row]}", f"student={algorithm_of(row)}"] if row in TEACHERS else []
+        cells = [", ".join(teacher + [f"{k}={v}" for k, v in algorithm_args(row, recipe(scale, m)["steps"]).items()]
+                           + extra)
                  or "USB/our defaults" for m in modes]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
@@ -635,7 +642,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", nargs="+", default=[], metavar="ROW=ALGO[:key=value,...]",
                    help="extra rows to tune with: an algorithm with its algorithm.args, e.g. "
                         "rankflexmatch-w1=rankflexmatch:rank_weight=1.0; a dotted key is a config override, "
-                        "e.g. flexmatch-ema=flexmatch:algorithm.teacher=ema")
+                        "e.g. flexmatch-ema=flexmatch:algorithm.teacher=ema; softlabel with another teacher row "
+                        "(listed before it) and student: soft-flex=softlabel:teacher=flexmatch[,student=ALGO]")
     p.add_argument("--out", default=None, help="work folder (default benchmarks/work/ssl_gain-<scale>)")
     p.add_argument("--md", default=None, help="Markdown (default benchmarks/work/ssl_gain-<scale>.md)")
     p.add_argument("--json", default=None, help="JSON (default benchmarks/work/ssl_gain-<scale>.json)")
@@ -652,6 +660,7 @@ def parse_args(argv=None):
     variants = [parse_variant(p, v) for v in args.variant]
     args.rows = ([FLOOR, *CEILINGS] + [a for a in args.algorithms if a != FLOOR]
                  + [row for row, (algo, _, _) in ABLATIONS.items() if algo in ablated] + variants)
+    check_teachers(p, args.rows)
     return args
 
 
@@ -671,8 +680,20 @@ def parse_variant(p, text: str) -> str:
             overrides.append(item)
         else:
             args[key] = yaml.safe_load(value)
+    if algo == SOFT:  # a student on the labels + a teacher row's export (its own overrides after SOFT_ARGS)
+        TEACHERS[row] = str(args.pop("teacher", FLOOR))
+        algo, overrides = str(args.pop("student", FLOOR)), [*SOFT_ARGS, *overrides]
     VARIANTS[row] = (algo, args, overrides)
     return row
+
+
+def check_teachers(p, rows: list[str]) -> None:
+    """A soft-labelling row's teacher must be a row trained before it (rows run in order)."""
+    for i, row in enumerate(rows):
+        teacher = TEACHERS.get(row)
+        if teacher is not None and teacher not in rows[:i]:
+            p.error(f"row {row!r}: its teacher {teacher!r} must be a row listed before it "
+                    f"(rows in order: {' '.join(rows)})")
 
 
 def run_setting(args, work, mode, fraction, data_by_seed, backbone, features) -> dict:
@@ -694,9 +715,10 @@ def run_setting(args, work, mode, fraction, data_by_seed, backbone, features) ->
                 if not args.dry_run:
                     print(f"{mode}, {fraction:.0%} labels, data seed {ds}: {row}, seed {seed}", flush=True)
                 extra = []
-                if row == SOFT:
-                    teacher = run.parent / f"{FLOOR}-s{seed}"
-                    extra = [f"data.pseudo_labels={export_pool(teacher, data, args.dry_run)}", *SOFT_ARGS]
+                if row in TEACHERS:  # variants carry SOFT_ARGS in their overrides, before their own
+                    teacher = run.parent / f"{TEACHERS[row]}-s{seed}"
+                    extra = [f"data.pseudo_labels={export_pool(teacher, data, args.dry_run)}",
+                             *(SOFT_ARGS if row == SOFT else [])]
                 m = train(run, config, base + run_overrides(row, manifests, data, seed, steps) + extra, args.dry_run,
                           args.keep_checkpoints)
                 if m is None:

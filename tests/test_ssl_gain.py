@@ -160,3 +160,28 @@ def test_variant_rows_carry_algorithm_args_and_config_overrides():
                                                                "algorithm.args.thresh_warmup=false"]
     with pytest.raises(SystemExit):
         ssl_gain.parse_args(["--variant", "bad=flexmatch:teacher"])
+
+
+def test_softlabel_variant_rows_name_their_teacher_and_student():
+    """--variant ROW=softlabel:teacher=T[,student=A]: the row trains algorithm A (default
+    supervised) on the labels plus T's pool export, with the soft-label defaults before its
+    own overrides (so they win); a teacher not listed before the row is refused."""
+    import ssl_gain
+
+    args = ssl_gain.parse_args(["--scale", "smoke", "--algorithms", "supervised", "flexmatch", "--variant",
+                                "sf=softlabel:teacher=flexmatch,data.pseudo_weight=1.0",
+                                "sf2=softlabel:teacher=sf,student=flexmatch"])
+    assert args.rows.index("flexmatch") < args.rows.index("sf") < args.rows.index("sf2")
+    assert ssl_gain.TEACHERS["sf"] == "flexmatch" and ssl_gain.TEACHERS["sf2"] == "sf"
+    assert ssl_gain.algorithm_of("sf") == "supervised" and ssl_gain.algorithm_of("sf2") == "flexmatch"
+    over = ssl_gain.algorithm_overrides("sf", 1000)
+    assert over[0] == "algorithm.name=supervised"
+    assert over.index("data.pseudo_weight=0.5") < over.index("data.pseudo_weight=1.0")
+    assert "algorithm.args.thresh_warmup=false" in ssl_gain.algorithm_overrides("sf2", 1000)
+    run = ssl_gain.run_overrides("sf2", {"supervised": Path("l.csv")}, {"main": Path("/d")}, 0, 1000)
+    assert "data.unlabeled=/d/unlabeled" in run  # an SSL student draws the pool too
+    assert not any(o.startswith("data.unlabeled") for o in ssl_gain.run_overrides(
+        "sf", {"supervised": Path("l.csv")}, {"main": Path("/d")}, 0, 1000))
+    with pytest.raises(SystemExit):
+        ssl_gain.parse_args(["--scale", "smoke", "--algorithms", "supervised", "--variant",
+                             "early=softlabel:teacher=late", "late=flexmatch:p_cutoff=0.9"])
