@@ -187,3 +187,41 @@ def test_any_decoder_failure_is_an_unreadable_image(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "_to_rgb", broken)
     with pytest.raises(UnreadableImage, match="IndexError: tile index"):
         load_image(tmp_path / "x.png")
+
+
+def test_strong_view_defaults_draw_what_usb_draws_and_settings_narrow_it():
+    """augment.strong_*: the defaults reproduce USB's RandAugment draw for draw (earlier runs
+    reproduce); strong_ops, strong_scale and strong_cutout change what the view does."""
+    import random
+
+    from semilearn.datasets.augmentation import RandAugment
+
+    from aessl.config import ConfigError, load_config
+    from aessl.transforms import StrongAugment, strong_op_names
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+    def draw(aug, seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        return np.asarray(aug(img))
+
+    for exclude in (False, True):
+        usb = RandAugment(3, 5, exclude_color_aug=exclude)
+        ours = StrongAugment(3, strong_op_names({"strong_exclude_color": exclude}))
+        assert all(np.array_equal(draw(usb, s), draw(ours, s)) for s in range(60))
+    # identity only, no cutout: the image itself
+    plain = StrongAugment(3, ["Identity"], cutout=0.0)
+    assert all(np.array_equal(draw(plain, s), np.asarray(img)) for s in range(10))
+    # brightness at a tenth of its range: 0.86-0.95 of the image's (USB's mildest is 0.95); USB's goes to 0.05
+    mild, full = StrongAugment(1, ["Brightness"], scale=0.1, cutout=0.0), StrongAugment(1, ["Brightness"], cutout=0.0)
+    base = np.asarray(img).astype(float).mean()
+    assert all(0.84 * base < draw(mild, s).mean() < 0.96 * base for s in range(20))
+    assert min(draw(full, s).mean() for s in range(20)) < 0.5 * base
+    cfg = load_config(None, ["augment.strong_ops=[Rotate,TranslateX]", "augment.strong_scale=0.3"])
+    assert strong_op_names(cfg.augment) == ["Rotate", "TranslateX"]
+    with pytest.raises(ConfigError, match=r"augment.strong_ops.*unknown: Hue"):
+        load_config(None, ["augment.strong_ops=[Rotate,Hue]"])
+    with pytest.raises(ConfigError, match="augment.strong_cutout"):
+        load_config(None, ["augment.strong_cutout=0.7"])

@@ -13,6 +13,7 @@ holding them, so code reading a config gets the schema's types without casting.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -87,9 +88,13 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     weak_scale_min: float = _num(0.8, gt=0.0, le=1.0)  # random-resized-crop lower bound for the weak view
-    strong_n: int = _num(3, ge=0)  # USB RandAugment: number of ops
-    strong_m: int = _num(5, ge=0, le=10)  # USB RandAugment: magnitude (cutout included, as in FixMatch)
-    strong_exclude_color: bool = False
+    # The strong view (aessl/transforms.py): USB's RandAugment with its fixed choices made settings
+    strong_n: int = _num(3, ge=0)  # operations per image
+    strong_m: int = _num(5, ge=0, le=10)  # not read: USB's RandAugment ignores its magnitude; use strong_scale
+    strong_exclude_color: bool = False  # drop USB's colour operations (autocontrast, colour, contrast, posterize, solarize)
+    strong_ops: Any = None  # null: USB's operations; or a list of their names (aessl.transforms.OPS)
+    strong_scale: float = _num(1.0, gt=0.0, le=1.0)  # share of each operation's range from its mildest end (1: USB's)
+    strong_cutout: float = _num(0.5, ge=0.0, le=0.5)  # largest cutout side, a share of the image's (USB: 0.5; 0: none)
 
 
 @dataclass
@@ -389,6 +394,7 @@ def _check_pseudo_keys(cfg) -> None:
     0 <= low <= high <= 100."""
     _check_path_list(cfg, "data.pseudo_labels", "an export folder written by ssl/export.py")
     _check_path_list(cfg, "data.corrections", "a corrections .csv written by ssl/app.py")
+    _check_strong_ops(cfg)
     band = OmegaConf.select(cfg, "data.pseudo_band")
     if band is not None:
         if not (OmegaConf.is_list(band) or isinstance(band, (list, tuple))) or len(band) != 2:
@@ -398,6 +404,24 @@ def _check_pseudo_keys(cfg) -> None:
         if not 0.0 <= low <= high <= 100.0:
             raise ConfigError(f"data.pseudo_band={[low, high]!r} must satisfy 0 <= low <= high <= 100 (percents)")
         OmegaConf.update(cfg, "data.pseudo_band", [low, high], merge=False)
+
+
+def _check_strong_ops(cfg) -> None:
+    """augment.strong_ops: null or a non-empty list of USB RandAugment operation names; and a
+    warning for augment.strong_m, which nothing reads."""
+    from .transforms import OPS
+
+    ops = OmegaConf.select(cfg, "augment.strong_ops")
+    if ops is not None:
+        items = list(ops) if OmegaConf.is_list(ops) or isinstance(ops, (list, tuple)) else None
+        bad = None if items is None else [o for o in items if o not in OPS]
+        if not items or bad:
+            raise ConfigError(f"augment.strong_ops={_plain(ops)!r} must be null or a list of operation names from: "
+                              f"{', '.join(OPS)}" + (f" (unknown: {', '.join(map(str, bad))})" if bad else ""))
+    if OmegaConf.select(cfg, "augment.strong_m") != 5:
+        logging.getLogger(__name__).warning(
+            "augment.strong_m is not read (USB's RandAugment ignores its magnitude): augment.strong_scale sets how far "
+            "each strong-view operation goes")
 
 
 def _plain(value):

@@ -93,6 +93,9 @@ def view_spec(info: dict, augment_cfg, embed_cfg) -> dict:
         "weak_scale_min": augment_cfg["weak_scale_min"], "strong_n": augment_cfg["strong_n"],
         "strong_m": augment_cfg["strong_m"], "strong_exclude_color": augment_cfg["strong_exclude_color"],
         "views": embed_cfg["views"], "seed": embed_cfg["seed"],
+        # newer settings, only when changed: caches written before they existed stay valid
+        **{k: (list(augment_cfg[k]) if k == "strong_ops" else augment_cfg[k]) for k, default in (("strong_ops", None), ("strong_scale", 1.0), ("strong_cutout", 0.5))
+           if augment_cfg.get(k, default) != default},
     }
 
 
