@@ -139,3 +139,15 @@ def test_rankflexmatch_floor_masks_what_falls_below_it():
                     use_hard_label=True, T=1.0)
         _, log = rank_step(algo, torch.zeros(1, 3), torch.tensor([0]), torch.zeros(2, 3), torch.zeros(2, 3), None, {})
         assert algo.mask.tolist() == want and log["util_ratio"] == sum(want) / 2
+
+
+def test_flexmatch_with_many_labels_gets_a_warning():
+    """FlexMatch fell below the labels alone from 924 labels on (docs/results.md): a run with
+    that many says so; one with a few hundred, or another algorithm, does not."""
+    from aessl.algorithms import label_count_advice
+
+    assert label_count_advice("flexmatch", 309) is None
+    assert label_count_advice("rankmatch", 3080) is None and label_count_advice("supervised", 3080) is None
+    for name in ("flexmatch", "rankflexmatch"):
+        advice = label_count_advice(name, 924)
+        assert advice and f"algorithm.name={name} with 924 training labels" in advice and "rankmatch" in advice

@@ -409,6 +409,9 @@ def announce(run: Run, data: Data) -> None:
         log.info("run folder %s | %d train / %d test scored images, pool %s | %d process(es) on %s | %s on %s",
                  run.run_dir, len(data.train_set), len(data.test_set), data.pool_size, run.world,
                  run.accelerator.device, cfg.algorithm.name, cfg.model.name)
+        advice = algos.label_count_advice(cfg.algorithm.name, len(data.train_set))
+        if advice:
+            log.warning(advice)
 
 
 def test_rows(run: Run, data: Data) -> np.ndarray:
