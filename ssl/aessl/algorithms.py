@@ -59,7 +59,7 @@ UNSUPPORTED_WHY = {
 
 # FlexMatch's per-bracket thresholds accept most of the pool whatever the label count. On the
 # synthetic benchmark (test_resnet, 32 px; docs/results.md) that paid with 309 labels (+0.03
-# QWK over the labels alone) and cost with 924 (-0.006 QWK, MAE worse on 4/4 replicates) and
+# QWK over the labels alone) and cost with 924 (-0.012 QWK, MAE worse on 8/8 replicates) and
 # with 3,080 (-0.037 QWK, below on 5/6): the wrong pseudo-labels outweigh what the pool adds
 # once the labels alone train a good model. Between 309 and 924 the crossover is unmeasured.
 MANY_LABELS = {"flexmatch": 500, "rankflexmatch": 500}
