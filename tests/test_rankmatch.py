@@ -142,12 +142,12 @@ def test_rankflexmatch_floor_masks_what_falls_below_it():
 
 
 def test_flexmatch_with_many_labels_gets_a_warning():
-    """FlexMatch fell below the labels alone from 924 labels on (docs/results.md): a run with
+    """FlexMatch and FreeMatch fell below the labels alone from 924 labels on (docs/results.md): a run with
     that many says so; one with a few hundred, or another algorithm, does not."""
     from aessl.algorithms import label_count_advice
 
     assert label_count_advice("flexmatch", 309) is None
     assert label_count_advice("rankmatch", 3080) is None and label_count_advice("supervised", 3080) is None
-    for name in ("flexmatch", "rankflexmatch"):
+    for name in ("flexmatch", "rankflexmatch", "freematch"):
         advice = label_count_advice(name, 924)
         assert advice and f"algorithm.name={name} with 924 training labels" in advice and "rankmatch" in advice
