@@ -376,6 +376,7 @@ def check_types(cfg) -> None:
             if coerced != value or type(coerced) is not type(value):
                 OmegaConf.update(cfg, key, coerced)
     _check_pseudo_keys(cfg)
+    _check_strong_ops(cfg)
 
 
 def _check_path_list(cfg, key: str, what: str) -> None:
@@ -394,7 +395,6 @@ def _check_pseudo_keys(cfg) -> None:
     0 <= low <= high <= 100."""
     _check_path_list(cfg, "data.pseudo_labels", "an export folder written by ssl/export.py")
     _check_path_list(cfg, "data.corrections", "a corrections .csv written by ssl/app.py")
-    _check_strong_ops(cfg)
     band = OmegaConf.select(cfg, "data.pseudo_band")
     if band is not None:
         if not (OmegaConf.is_list(band) or isinstance(band, (list, tuple))) or len(band) != 2:

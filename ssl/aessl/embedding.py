@@ -94,7 +94,8 @@ def view_spec(info: dict, augment_cfg, embed_cfg) -> dict:
         "strong_m": augment_cfg["strong_m"], "strong_exclude_color": augment_cfg["strong_exclude_color"],
         "views": embed_cfg["views"], "seed": embed_cfg["seed"],
         # newer settings, only when changed: caches written before they existed stay valid
-        **{k: (list(augment_cfg[k]) if k == "strong_ops" else augment_cfg[k]) for k, default in (("strong_ops", None), ("strong_scale", 1.0), ("strong_cutout", 0.5))
+        **{k: (list(augment_cfg[k]) if k == "strong_ops" else augment_cfg[k])
+           for k, default in (("strong_ops", None), ("strong_scale", 1.0), ("strong_cutout", 0.5))
            if augment_cfg.get(k, default) != default},
     }
 
