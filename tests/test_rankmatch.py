@@ -151,3 +151,22 @@ def test_flexmatch_with_many_labels_gets_a_warning():
     for name in ("flexmatch", "rankflexmatch", "freematch"):
         advice = label_count_advice(name, 924)
         assert advice and f"algorithm.name={name} with 924 training labels" in advice and "rankmatch" in advice
+
+
+def test_window_pseudo_labels_accept_a_torn_teacher_and_forgive_a_neighbour():
+    """pseudo_radius=1: a weak view torn between two neighbouring brackets is accepted (its
+    window mass reaches p_cutoff where its argmax does not), and the strong view's loss is
+    -log of its mass in that window: low for a neighbour of the argmax, high far away."""
+    from aessl.algos._shared import window_mass
+    from aessl.algos.rankmatch import window_nll
+
+    torn = torch.tensor([[0.0] * 5 + [0.49, 0.49] + [0.02 / 4] * 4])
+    conf, centre = window_mass(torn, 1)
+    assert conf.item() >= 0.95 > torn.max().item() and centre.item() in (5, 6)
+    one = torch.ones(1)
+    near, far = torch.full((1, 11), -9.0), torch.full((1, 11), -9.0)
+    near[0, centre.item() + 1], far[0, 0] = 9.0, 9.0  # sure of the next bracket / of bracket 0
+    assert window_nll(near, centre, 1, one).item() < 1e-6
+    assert window_nll(far, centre, 1, one).item() > 10
+    assert window_nll(far, centre, 1, torch.zeros(1)).item() == 0.0  # not accepted: no loss
+    assert window_nll(far, centre, 0, one) > 0 and window_nll(near, centre, 0, one) > 10  # radius 0: the bracket itself

@@ -18,3 +18,18 @@ def three_views(model, x_lb: torch.Tensor, x_ulb_w: torch.Tensor, x_ulb_s: torch
 def expected(probs: torch.Tensor) -> torch.Tensor:
     """Expected bracket 0-10 of each row of bracket probabilities."""
     return probs @ torch.arange(NUM_BRACKETS, device=probs.device, dtype=probs.dtype)
+
+
+def window_mass(probs: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, predicted bracket): the mass within +-radius of the argmax bracket
+    (radius 0: the argmax probability, FixMatch's confidence)."""
+    top = probs.argmax(dim=-1)
+    if radius <= 0:
+        return probs.gather(-1, top[:, None]).squeeze(-1), top
+    return (probs * near_mask(top, radius, probs.shape[-1]).to(probs.dtype)).sum(-1).clamp(max=1.0), top
+
+
+def near_mask(centre: torch.Tensor, radius: int, n: int = NUM_BRACKETS) -> torch.Tensor:
+    """Boolean (len(centre), n): True for brackets within +-radius of each row's centre."""
+    b = torch.arange(n, device=centre.device)
+    return (b[None, :] - centre[:, None]).abs() <= radius

@@ -49,18 +49,7 @@ from semilearn.core.utils import ALGORITHMS
 
 from ..algorithms import AlgorithmArgumentError
 from ..metrics import NUM_BRACKETS
-from ._shared import expected, three_views
-
-
-def window_mass(probs: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, predicted bracket): the mass within +-radius of the argmax bracket
-    (radius 0: the argmax probability, FixMatch's confidence)."""
-    top = probs.argmax(dim=-1)
-    if radius <= 0:
-        return probs.gather(-1, top[:, None]).squeeze(-1), top
-    b = torch.arange(probs.shape[-1], device=probs.device)
-    near = ((b[None, :] - top[:, None]).abs() <= radius).to(probs.dtype)
-    return (probs * near).sum(-1).clamp(max=1.0), top
+from ._shared import expected, three_views, window_mass
 
 
 def ordinal_kernel(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:

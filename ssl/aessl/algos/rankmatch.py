@@ -35,7 +35,9 @@ from semilearn.algorithms.flexmatch import FlexMatch
 from semilearn.algorithms.utils import SSL_Argument, str2bool
 from semilearn.core.utils import ALGORITHMS
 
-from ._shared import expected, three_views
+from ..algorithms import AlgorithmArgumentError
+
+from ._shared import expected, near_mask, three_views, window_mass
 
 
 def pairwise_rank_loss(s: torch.Tensor, t: torch.Tensor, margin: float, tau: float) -> tuple[torch.Tensor, int]:
@@ -48,6 +50,14 @@ def pairwise_rank_loss(s: torch.Tensor, t: torch.Tensor, margin: float, tau: flo
         return s.sum() * 0.0, 0
     diff = (s[:, None] - s[None, :]) / tau
     return F.softplus(-diff[chosen]).mean(), n
+
+
+def window_nll(logits: torch.Tensor, centre: torch.Tensor, radius: int, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -log P(bracket within +-radius of centre) under `logits`, times
+    `mask` (0 for a row not accepted): a partial-label loss that does not say which bracket
+    of the window is right, so an off-by-one teacher costs nothing and a far-off view costs much."""
+    logp = logits.float().log_softmax(-1).masked_fill(~near_mask(centre, radius, logits.shape[-1]), float("-inf"))
+    return -(logp.logsumexp(-1) * mask.float()).mean()
 
 
 def rank_step(algo, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score, masking: dict):
@@ -63,9 +73,15 @@ def rank_step(algo, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score, masking: dict):
         floor = getattr(algo, "thresh_min", 0.0)
         if floor > 0:  # rankflexmatch: no bracket's threshold below thresh_min
             mask = mask * (probs_w.max(dim=-1).values >= floor).to(mask.dtype)
-        pseudo = algo.call_hook("gen_ulb_targets", "PseudoLabelingHook", logits=probs_w,
-                                use_hard_label=algo.use_hard_label, T=algo.T, softmax=False)
-        unsup_loss = algo.consistency_loss(logits_s, pseudo, "ce", mask=mask)
+        radius = getattr(algo, "pseudo_radius", 0)
+        if radius > 0:  # set-valued pseudo-labels: "within +-radius of this bracket"
+            conf, centre = window_mass(probs_w.float(), radius)
+            mask = (conf >= algo.p_cutoff).to(probs_w.dtype)
+            unsup_loss = window_nll(logits_s, centre, radius, mask)
+        else:
+            pseudo = algo.call_hook("gen_ulb_targets", "PseudoLabelingHook", logits=probs_w,
+                                    use_hard_label=algo.use_hard_label, T=algo.T, softmax=False)
+            unsup_loss = algo.consistency_loss(logits_s, pseudo, "ce", mask=mask)
 
         # y_score: the (possibly fractional) score; y_lb alone when a caller gives no scores
         true = y_score if y_score is not None else y_lb.float()
@@ -101,13 +117,20 @@ class RankMatch(FixMatch):
     def __init__(self, args, net_builder, tb_log=None, logger=None):
         super().__init__(args, net_builder, tb_log, logger)
         _set_rank_args(self, args)
+        self.pseudo_radius = int(args.pseudo_radius)
+        if self.pseudo_radius < 0:
+            raise AlgorithmArgumentError(f"algorithm.args.pseudo_radius: {args.pseudo_radius} is below 0")
 
     def train_step(self, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score=None):
         return rank_step(self, x_lb, y_lb, x_ulb_w, x_ulb_s, y_score, {})
 
     @staticmethod
     def get_argument():
-        return [*FixMatch.get_argument(), *rank_arguments()]
+        return [*FixMatch.get_argument(), *rank_arguments(),
+                SSL_Argument("--pseudo_radius", int, 0,
+                             "0: FixMatch's pseudo-label (the weak view's bracket, argmax >= p_cutoff); r > 0: "
+                             "accept when the mass within +-r of the argmax is >= p_cutoff and train the strong "
+                             "view to put its mass in that window (-log of it), not on one bracket")]
 
 
 @ALGORITHMS.register("rankflexmatch")
