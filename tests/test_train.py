@@ -33,6 +33,13 @@ def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
     # a checkpoint write interrupted half-way leaves a temp folder: it must be ignored
     (broken / "checkpoints" / ".tmp-step_0000006").mkdir()
     assert [p.name for p in (broken / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_0000003"]
+    # run again without resume=true: refused, also where the kill came before the first
+    # evaluation (a checkpoint, no metrics.jsonl), and nothing in the folder changes
+    metrics = (broken / "metrics.jsonl").rename(tmp_path / "metrics.jsonl")
+    config = (broken / "config.yaml").read_bytes()
+    assert script_in_process("train.py", *common, "train.lr=0.5", f"output_dir={broken}") == 2
+    assert (broken / "config.yaml").read_bytes() == config and not (broken / "metrics.jsonl").exists()
+    metrics.rename(broken / "metrics.jsonl")
     assert script_in_process("train.py", *common, f"output_dir={broken}", "resume=true") == 0
     a, b = read_metrics(whole), read_metrics(broken)
     assert [m["step"] for m in b] == [3, 6]

@@ -141,8 +141,12 @@ def find_resume(run: Run) -> Path | None:
         run.existed = True  # someone else's folder: leave it be
         raise
     cfg, run_dir = run.cfg, run.run_dir
-    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
-    if not cfg.resume and (run_dir / "metrics.jsonl").exists():
+    latest = ckpt.latest_checkpoint(run_dir)
+    resume_from = latest if cfg.resume else None
+    # A checkpoint without metrics is a run killed before its first evaluation: starting it
+    # again from step 0 would overwrite its config.yaml, and a later resume=true would then
+    # continue the old weights under the new settings.
+    if not cfg.resume and ((run_dir / "metrics.jsonl").exists() or latest is not None):
         raise RunRefused(f"{run_dir} already holds a run; resume it with resume=true or choose another output_dir=")
     if resume_from is not None:
         refusal = resume_refusal(run_dir, resume_from, cfg, run.world)
