@@ -261,3 +261,20 @@ def test_odd_but_valid_images_make_a_valid_scored_set(tmp_path):
     rgb.save(d / "rot.jpg", exif=exif)
     ds = load_scored_set(tmp_path / "labeled")
     assert len(ds) == 8 and set(ds["bracket"]) == {5}
+
+
+def test_an_unset_labeled_set_never_meets_the_users_pool_or_test_set(tmp_path, monkeypatch):
+    """data.labeled empty (e.g. data.labeled=$UNSET) with no labeled/ images falls back to the synthetic
+    demo set only when nothing else of the user's is given: with their pool or test set it is an error
+    naming the keys, raised before any demo image is generated."""
+    from aessl import sources
+
+    monkeypatch.setattr(sources, "REPO_ROOT", tmp_path)
+    cfg = {"labeled": None, "unlabeled": str(tmp_path / "my_pool"), "test": None,
+           "synthetic": {"cache_dir": "cache", "labeled": 11, "unlabeled": 0, "test": 11, "size": 8, "seed": 0}}
+    for given in ({"unlabeled": str(tmp_path / "my_pool")}, {"unlabeled": None, "test": str(tmp_path / "t")}):
+        with pytest.raises(DataSourceError, match=r"data\.labeled is not set.*data\.(unlabeled|test)="):
+            sources.resolve_sources({**cfg, **given})
+    assert not (tmp_path / "cache").exists()
+    make_scored_set(tmp_path / "labeled", per_bracket=1, brackets=[3])  # the user's labeled/: theirs, with their pool
+    assert sources.resolve_sources(cfg)["origin"] == "labeled/"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .data import _walk_files
+from .data import DataSourceError, _walk_files
 from .images import is_image_file
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ def resolve_sources(data_cfg, is_main: bool = True, wait=lambda: None) -> dict:
             "truth": None,
             "origin": "labeled/",
         }
+    given = [f"data.{k}={data_cfg[k]}" for k in ("unlabeled", "test") if data_cfg[k]]
+    if given:  # e.g. data.labeled=$UNSET_VARIABLE: the demo's labels must not meet the user's images
+        raise DataSourceError(
+            f"data.labeled is not set and {user_labeled} holds no scored images, so this run would train on the "
+            f"synthetic demo labels against your {' and '.join(given)}; set data.labeled= to your scored images "
+            "(a folder of <score>/ subfolders or a manifest)")
     syn = data_cfg["synthetic"]
     out = Path(syn["cache_dir"])
     if not out.is_absolute():
