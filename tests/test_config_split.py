@@ -33,9 +33,27 @@ def test_schema_types_need_no_casts_and_yaml_quirks_are_read_as_meant(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
     assert load_config(tmp_path / "c.yaml").train.mixed_precision == "no"
     for bad, key in (("train.steps=2.5", "train.steps"), ("resume=1", "resume"), ("train.lr=nan", "train.lr"),
-                     ("model.name=[1]", "model.name"), ("train.mixed_precision=true", "train.mixed_precision")):
+                     ("train.mixed_precision=true", "train.mixed_precision")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [bad])
+
+
+def test_paths_and_names_are_taken_as_typed_and_bad_yaml_names_its_file_or_override(tmp_path):
+    """A str key's value is its text (YAML 1.1 would make 0123 octal 83, yes true, {a..b} a mapping);
+    unparsable YAML, a refused tag and a section given a value are ConfigErrors naming where."""
+    cfg = load_config(None, ["output_dir=0123", "data.labeled=*scored", "data.unlabeled={00000..00099}.tar",
+                             "model.name=yes", "data.test=null", "embed.cache_dir=@cache"])
+    assert (cfg.output_dir, cfg.data.labeled, cfg.data.unlabeled) == ("0123", "*scored", "{00000..00099}.tar")
+    assert (cfg.model.name, cfg.data.test, cfg.embed.cache_dir) == ("yes", None, "@cache")
+    for bad, where in (("train.steps=[1", r"train\.steps=\[1.*not valid YAML"), ("train=5", "train is a section"),
+                       ("data.synthetic=3", r"data\.synthetic is a section.*data\.synthetic\.labeled=")):
+        with pytest.raises(ConfigError, match=where):
+            load_config(None, [bad])
+    for text, where in ((": bad yaml [", "not a YAML file"), ("x: !!python/object/apply:os.system [ls]", "python/object"),
+                        ("train: [1, 2]", "train is a section")):
+        (tmp_path / "c.yaml").write_text(text + "\n")
+        with pytest.raises(ConfigError, match=rf"c\.yaml: .*{where}"):
+            load_config(tmp_path / "c.yaml")
 
 
 def test_defaults_are_the_demo_config():

@@ -228,13 +228,43 @@ def load_cli_config(argv, description: str, default_config: str, example: str):
 
 
 def _parse_override(text: str):
+    """(key, value). A path or name (a str key of the schema) is taken as typed: YAML would
+    read output_dir=0123 as 83, yes as true and data.unlabeled={000..099}.tar as a mapping.
+    Every other value is YAML (numbers, booleans, lists, algorithm.args)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (example: train.steps=200)")
     key, value = text.split("=", 1)
-    key = key.strip().lstrip("-")
+    key, value = key.strip().lstrip("-"), value.strip()
     if not key:
         raise ConfigError(f"override {text!r} has no key")
-    return key, yaml.safe_load(value) if value.strip() else None
+    if TYPES.get(key) in (str, Optional[str]):
+        return key, None if value in ("", "null", "~") else value
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                          f"quote it for YAML, e.g. {key}='\"{value}\"'") from exc
+    _check_not_section(key, parsed, f"override {text!r}")
+    return key, parsed
+
+
+SECTIONS = {key.rsplit(".", i)[0] for key in TYPES for i in range(1, key.count(".") + 1)}
+
+
+def _check_sections(data: dict, path, prefix: str = "") -> None:
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if key in SECTIONS:
+            _check_not_section(key, value, str(path))
+            _check_sections(value, path, key + ".")
+
+
+def _check_not_section(key: str, value, where: str) -> None:
+    """A whole section (train, data.synthetic, ...) set to something other than a mapping."""
+    if key in SECTIONS and not isinstance(value, dict):
+        first = next(k for k in TYPES if k.startswith(key + "."))
+        raise ConfigError(f"{where}: {key} is a section, not a value: set its keys, e.g. {first}=... "
+                          f"(or, in a config file, {first.rsplit('.', 1)[1]}: ... under {key}:)")
 
 
 def _defaults():
@@ -256,10 +286,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:  # a syntax error, or a tag safe_load refuses (!!python/...)
+            raise ConfigError(f"{path}: not a YAML file this tool can read: {' '.join(str(exc).split())}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
+        _check_sections(data, path)
         try:
             cfg.merge_with(data)
         except (ConfigAttributeError, ConfigKeyError) as exc:
