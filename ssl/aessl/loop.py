@@ -60,7 +60,8 @@ class RunRefused(Exception):
 
 # Errors whose message is meant for the user: the run stops with it and exit code 2.
 USER_ERRORS = (RunRefused, LabeledSetError, DataSourceError, EmbeddingError, WeightsUnavailable, FolderLocked,
-               algos.AlgorithmArgumentError)
+               algos.AlgorithmArgumentError,
+               FloatingPointError)  # a non-finite loss (train_one_step): its message says what to change
 
 
 # --------------------------------------------------------------------------- the run
@@ -601,8 +602,10 @@ def write_model(run: Run, trainer: Trainer, final_model: torch.nn.Module, info: 
                                                      "eval_seconds": round(trainer.eval_seconds, 3)}))
     last = trainer.last_metrics or runfolder.read_metrics(run_dir)[-1]
     print(f"\nrun folder: {run_dir}  ({time.time() - trainer.t0:.0f}s, {run.world} process(es))")
-    print("final metrics: " + json.dumps({k: round(last[k], 4) if isinstance(last[k], float) else last[k]
-                                          for k in FINAL_KEYS}))
+    final = {k: round(last[k], 4) if isinstance(last[k], float) and math.isfinite(last[k]) else last[k]
+             for k in FINAL_KEYS}
+    final = {k: runfolder.null_if_not_finite(v) for k, v in final.items()}
+    print("final metrics: " + json.dumps(final, allow_nan=False))
 
 
 def model_card_file(run_dir: Path, trainer: Trainer, info: dict, extra: dict) -> dict[str, str]:

@@ -50,14 +50,15 @@ RESUME_HARMLESS = (
 )
 
 
-def _finite(value):
+def null_if_not_finite(value):
+    """A float NaN or inf as None (JSON null: strict JSON has no NaN), anything else as it is."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
 def append_metrics(run_dir: str | Path, metrics: dict) -> None:
-    line = json.dumps({k: _finite(v) for k, v in metrics.items()}, allow_nan=False)
+    line = json.dumps({k: null_if_not_finite(v) for k, v in metrics.items()}, allow_nan=False)
     with open(Path(run_dir) / METRICS, "a") as f:
         f.write(line + "\n")
         f.flush()
