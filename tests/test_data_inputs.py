@@ -278,3 +278,12 @@ def test_an_unset_labeled_set_never_meets_the_users_pool_or_test_set(tmp_path, m
     assert not (tmp_path / "cache").exists()
     make_scored_set(tmp_path / "labeled", per_bracket=1, brackets=[3])  # the user's labeled/: theirs, with their pool
     assert sources.resolve_sources(cfg)["origin"] == "labeled/"
+
+
+def test_a_long_problem_list_is_cut_on_screen_and_kept_whole_in_a_file():
+    problems = [f"labeled/05/img_{i}.png: empty file" for i in range(250)]
+    text = str(LabeledSetError("labeled", problems))
+    assert text.count("\n  - ") == 200 and "... and 50 more: all 250 are in " in text
+    path = Path(text.rsplit(" are in ", 1)[1])
+    assert path.read_text().splitlines() == problems
+    path.unlink()

@@ -165,8 +165,12 @@ def _broken_set(root: Path) -> dict:
     (root / "05" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "00" / "notes.jpg").write_text("this is not an image")
     Image.new("RGB", (8, 8)).save(root / "loose.png")
+    for name in ("5abc", "\u0663"):  # not '<bracket>[_anything]'; an Arabic-Indic 3 is not an ASCII digit
+        (root / name).mkdir()
+        Image.new("RGB", (8, 8)).save(root / name / "z.png")
     return {"abc": "folder name", "12_too_high": "out of range", "empty.png": "empty", "truncated.png": "",
-            "notes.jpg": "not an image", "loose.png": "outside a bracket folder"}
+            "notes.jpg": "not an image", "loose.png": "outside a bracket folder", "5abc": "folder name",
+            "\u0663": "folder name"}
 
 
 def test_broken_labeled_set_one_error_exit_2_nothing_written(tmp_path):
@@ -176,7 +180,7 @@ def test_broken_labeled_set_one_error_exit_2_nothing_written(tmp_path):
                       f"output_dir={run}", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
-    assert "6 problem(s)" in err
+    assert "8 problem(s)" in err
     for name, why in expected.items():
         line = next(l for l in err.splitlines() if name in l)
         assert why in line, line

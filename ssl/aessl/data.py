@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,10 @@ from .metrics import NUM_BRACKETS, bracket_of
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-BRACKET_DIR = re.compile(r"^(\d+)(?:_.*)?$")
+BRACKET_DIR = re.compile(r"^([0-9]+)(?:_.*)?$")  # ASCII digits: \d would read '٣' (Arabic-Indic 3) as 3
+
+
+SHOWN_PROBLEMS = 200
 
 
 class LabeledSetError(ValueError):
@@ -60,8 +64,12 @@ class LabeledSetError(ValueError):
     def __init__(self, source, problems: list[str]):
         self.source = str(source)
         self.problems = list(problems)
-        shown = "\n".join(f"  - {p}" for p in self.problems[:200])
-        more = f"\n  ... and {len(self.problems) - 200} more" if len(self.problems) > 200 else ""
+        shown = "\n".join(f"  - {p}" for p in self.problems[:SHOWN_PROBLEMS])
+        more = ""
+        if len(self.problems) > SHOWN_PROBLEMS:  # the whole list, where the terminal would drown in it
+            with tempfile.NamedTemporaryFile("w", prefix="scored_set_problems_", suffix=".txt", delete=False) as f:
+                f.write("".join(p + "\n" for p in self.problems))
+            more = f"\n  ... and {len(self.problems) - SHOWN_PROBLEMS} more: all {len(self.problems)} are in {f.name}"
         super().__init__(f"scored set {self.source} has {len(self.problems)} problem(s):\n{shown}{more}")
 
 
@@ -154,7 +162,8 @@ def _walk_files(root: Path, onerror=None):
 def _bracket_folder_problem(entry: Path) -> str | None:
     m = BRACKET_DIR.match(entry.name)
     if not m:
-        return f"{entry}: folder name must start with the integer bracket 0-10 (e.g. '03', '7', '10_extra')"
+        return (f"{entry}: folder name must be the integer bracket 0-10, alone or followed by '_' and anything "
+                "(e.g. '03', '7', '10_extra'; not '5abc' or '3.5')")
     if not 0 <= int(m.group(1)) < NUM_BRACKETS:
         return f"{entry}: bracket {int(m.group(1))} is out of range 0-10"
     return None
