@@ -302,9 +302,11 @@ def test_import_ssl_gets_the_standard_library():
         assert out == [str(Path(stdlib) / "ssl.py"), "SSLContext"]
 
 
-def test_a_diverging_run_stops_with_one_clear_error_and_final_metrics_are_strict_json(toy_data, tmp_path, capsys):
+def test_a_diverging_run_stops_with_one_clear_error_and_final_metrics_are_strict_json(toy_data, tmp_path, capsys,
+                                                                                        caplog):
     """A non-finite loss is an `error:` line saying what to change (exit 2), not a traceback; a run
-    whose test set is one bracket (Spearman undefined) prints its final metrics as strict JSON (null)."""
+    whose test set is one bracket (Spearman undefined) warns so and prints its final metrics as
+    strict JSON (null)."""
     common = [f"data.labeled={toy_data['labeled']}", "algorithm.name=supervised", "train.steps=2",
               "train.eval_every=2", "train.save_every=2"]
     diverging = ["train.lr=1e30", "train.warmup_steps=0", "train.clip_grad=0", f"data.test={toy_data['test']}"]
@@ -312,6 +314,9 @@ def test_a_diverging_run_stops_with_one_clear_error_and_final_metrics_are_strict
     assert "error: loss is nan" in capsys.readouterr().err
     one = make_scored_set(tmp_path / "one_bracket", per_bracket=4, brackets=[5])
     assert train_in_process(*common, f"data.test={one}", f"output_dir={tmp_path / 'one'}") == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("final metrics: "))
+    out = capsys.readouterr()
+    warned = caplog.text
+    assert "the test set holds one bracket only (5)" in warned and "training set holds one" not in warned
+    line = next(x for x in out.out.splitlines() if x.startswith("final metrics: "))
     final = json.loads(line.split(": ", 1)[1], parse_constant=lambda c: pytest.fail(f"{c} in {line}"))
     assert final["spearman"] is None and final["qwk"] is not None

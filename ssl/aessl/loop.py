@@ -415,8 +415,21 @@ def announce(run: Run, data: Data) -> None:
                  run.run_dir, len(data.train_set), len(data.test_set), data.pool_size, run.world,
                  run.accelerator.device, cfg.algorithm.name, cfg.model.name)
         advice = algos.label_count_advice(cfg.algorithm.name, len(data.train_set))
-        if advice:
-            log.warning(advice)
+        for warning in [advice] * bool(advice) + bracket_warnings(data.train_set["bracket"],
+                                                                  bracket_of(data.test_set["score"])):
+            log.warning(warning)
+
+
+def bracket_warnings(train_brackets, test_brackets) -> list[str]:
+    """What a run on one bracket cannot tell: a model that saw one bracket predicts only it,
+    and on a test set of one bracket QWK and Spearman measure no ranking (QWK 1.0 is easy)."""
+    out = []
+    for name, brackets, why in (("training", train_brackets, "the model can learn to predict only that"),
+                                ("test", test_brackets, "QWK and Spearman cannot measure a ranking")):
+        present = sorted({int(b) for b in brackets})
+        if len(present) == 1:
+            out.append(f"the {name} set holds one bracket only ({present[0]}): {why}")
+    return out
 
 
 def test_rows(run: Run, data: Data) -> np.ndarray:
