@@ -214,6 +214,13 @@ def resume_changes(stored: dict, current: dict, defaults: dict) -> list[str]:
             continue
         before = old.get(key, base.get(key))
         after = new.get(key, base.get(key))
-        if before != after:
+        if before != after and not _same_file(before, after):
             changed.append(f"{key}: {before!r} -> {after!r}")
     return changed
+
+
+def _same_file(a, b) -> bool:
+    """Two spellings of one existing file or folder (synth/labeled and /abs/synth/labeled)."""
+    if not (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
