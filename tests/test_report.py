@@ -21,7 +21,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import accuracy_score, cohen_kappa_score, mean_absolute_error
 
-from conftest import TINY, data_args, report_main, run_script, toy_image
+from conftest import TINY, data_args, read_metrics, report_main, run_script, toy_image
 
 PLOTS_PER_RUN = ("confusion", "score_hist", "reliability", "recall", "grid_top", "grid_false_positives", "grid_misses")
 
@@ -99,6 +99,8 @@ def test_one_run_report_has_every_part_and_sklearn_agrees(runs, toy_data, tmp_pa
     assert m["mae"] == pytest.approx(mean_absolute_error(pred["score"], expected))
     assert m["spearman"] == pytest.approx(spearmanr(expected, pred["score"]).statistic)
     assert m["accuracy_within_1"] == pytest.approx(np.mean(np.abs(true_b - pred_b) <= 1))
+    trained = read_metrics(runs["sup"])[-1]  # the same test set, scored as training's evaluation scored it
+    assert m["qwk"] == pytest.approx(trained["qwk"], abs=0.02) and m["mae"] == pytest.approx(trained["mae"], abs=0.02)
     assert m["ece"] == pytest.approx(ece(probs, true_b))
     low = true_b <= 1
     assert m["false_positive_rate"] == pytest.approx(np.mean(expected[low] >= 5))
