@@ -47,7 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--saliency-steps", type=int, default=50, help="integration steps of the saliency overlay (default 50)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:  # 0 would bind a random port the launcher then cannot find
+        p.error(f"--port {args.port}: use a port from 1 to 65535")
+    return args
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seeds the resamples and the permutations")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be >= 1 and --workers >= 0")
+    return args
 
 
 def main(argv=None) -> int:

@@ -20,9 +20,11 @@ The library part is aessl/active.py.
 """
 
 import argparse
+import os
 import sys
 
 from aessl.active import ActiveLearningError, ModelFeatures, exclude_paths, plan_queue, write_queue_csv
+from aessl.export import resolve_device
 from aessl.logs import setup_logging
 from aessl.models import resolve_model_folder
 
@@ -59,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append("--candidates is for the diversity step: it needs --model")
     if args.batch_size < 1:
         problems.append("--batch-size must be >= 1")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if os.path.isdir(args.out):
+        problems.append(f"--out {args.out} is a folder; name the CSV file to write, e.g. {os.path.join(args.out, 'queue.csv')}")
     if problems:
         p.error("; ".join(problems))
     return args

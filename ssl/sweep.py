@@ -18,6 +18,7 @@ start retries it), 2 a bad sweep file or command line.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -32,7 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="write results.parquet and report.html from what finished")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; name a folder for the sweep")
+    return args
 
 
 def main(argv=None) -> int:

@@ -237,10 +237,15 @@ def test_label_next_writes_the_queue(pool_exports, tmp_path, capsys):
     assert [r["disagreement"] for r in read_queue(plain)] == ["", "", ""]
 
 
-@pytest.mark.parametrize("case", ["missing_export", "foreign_export", "n_zero", "bad_model", "missing_exclude"])
+@pytest.mark.parametrize("case", ["missing_export", "foreign_export", "n_zero", "bad_model", "missing_exclude",
+                                  "bad_device", "out_is_folder"])
 def test_label_next_bad_input_exits_2(pool_exports, tmp_path, capsys, case):
     out = tmp_path / "queue.csv"
-    args = {"missing_export": ["--export", tmp_path / "nope", "--n", 3],
+    if case == "out_is_folder":
+        out.mkdir()
+    args = {"bad_device": ["--export", pool_exports["run"], "--n", 3, "--device", "gpu"],
+            "out_is_folder": ["--export", pool_exports["run"], "--n", 3],
+            "missing_export": ["--export", tmp_path / "nope", "--n", 3],
             "foreign_export": ["--export", pool_exports["pool"], "--n", 3],
             "n_zero": ["--export", pool_exports["run"], "--n", 0],
             "bad_model": ["--export", pool_exports["run"], "--n", 3, "--model", pool_exports["pool"]],
@@ -252,6 +257,7 @@ def test_label_next_bad_input_exits_2(pool_exports, tmp_path, capsys, case):
     assert code == 2
     err = capsys.readouterr().err
     word = {"missing_export": "not found", "foreign_export": "no manifest.json", "n_zero": "--n must be >= 1",
-            "bad_model": "not a model folder", "missing_exclude": "gone.csv"}[case]
+            "bad_model": "not a model folder", "missing_exclude": "gone.csv", "bad_device": "--device 'gpu'",
+            "out_is_folder": "is a folder"}[case]
     assert word in err
-    assert not out.exists()
+    assert not out.is_file() and not out.with_name(out.name + ".tmp").exists()

@@ -217,11 +217,19 @@ def test_bad_export_and_corrections_paths(setup, tmp_path):
         A.AppState.load(setup["run"], corrections=tmp_path / "c.csv", device="cpu")
     with pytest.raises(A.AppError, match="not a model folder"):
         A.Scorer.load(tmp_path, device="cpu")
+    # a broken --other-export stops the app at start, not at the first Label next click
+    view = A.ExportView(setup["export"], tmp_path / "c.csv")
+    with pytest.raises(A.AppError, match=r"--other-export .*nope"):
+        A.check_other_exports(view, [str(tmp_path / "nope")])
+    A.check_other_exports(view, [str(setup["export"])])  # itself: a finished export of the same pool
 
 
 def test_cli_refuses_bad_input(setup, tmp_path):
     assert script_in_process("app.py", "--model", tmp_path / "nowhere") == 2
     assert script_in_process("app.py", "--model", setup["run"], "--labeled", tmp_path) == 2
+    for port in ("0", "70000"):  # a usage error (exit 2), not a traceback from the server
+        with pytest.raises(SystemExit, match="2"):
+            script_in_process("app.py", "--model", setup["run"], "--port", port)
 
 
 # --------------------------------------------------------------------------- Label next

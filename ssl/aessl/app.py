@@ -397,6 +397,22 @@ def _key(path: str, base: Path) -> str:
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
+def check_other_exports(view: "ExportView", others: list[str]) -> None:
+    """Each --other-export is a finished export sharing images with --export: checked at start,
+    as label_next.py does, not when Label next first builds a queue."""
+    from .active import ActiveLearningError, read_pool_export
+
+    main = set(view.frame["path"])
+    for folder in others:
+        try:
+            other = read_pool_export(folder)
+        except ActiveLearningError as exc:
+            raise AppError(f"--other-export {exc}") from None
+        if main.isdisjoint(other["paths"]):
+            raise AppError(f"--other-export {folder}: shares no image path with --export {view.folder}; other "
+                           "exports must score the same pool")
+
+
 class ExportView:
     """The rows of one finished export, the corrections log beside it, and the decisions made.
 
@@ -724,7 +740,10 @@ class AppState:
             raise AppError("--saliency-steps must be at least 1")
         scorer = Scorer.load(model, device, tiles, tile_reduce, tile_scale)
         view = ExportView(export, corrections) if export else None
-        return cls(scorer, view, labeled_paths(labeled), [str(o) for o in other_exports], int(saliency_steps))
+        others = [str(o) for o in other_exports]
+        if view is not None:
+            check_other_exports(view, others)
+        return cls(scorer, view, labeled_paths(labeled), others, int(saliency_steps))
 
     def thumb(self, row: dict, size: int = THUMB) -> Image.Image:
         return self.thumbs.get((row["path"], size), lambda: self.view.image(row, size))

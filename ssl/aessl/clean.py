@@ -210,6 +210,8 @@ def check_backbone_arguments(p, args):
         p.error("--workers must be 0 or more")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # found before the features, not after
+        p.error(f"--out {args.out} is a file; name a folder to write into")
     return args
 
 
