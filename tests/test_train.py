@@ -262,10 +262,19 @@ def test_local_pretrained_weights_load(tmp_path):
     got = model.backbone.state_dict()
     key = next(k for k in got if k.endswith("conv1.weight") or "conv" in k)
     assert torch.equal(got[key], src.state_dict()[key])
-    # timm loads non-strictly when the class count differs: a file for another architecture
-    # must still be an error, not a silent random init (embedding mode freezes that backbone)
+    # a run folder (or its model/) names its model/model.safetensors; a folder without one is an error
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "w.safetensors").rename(tmp_path / "run" / "model" / "model.safetensors")
+    for folder in (tmp_path / "run", tmp_path / "run" / "model"):
+        again, _ = build_model({"name": "test_resnet", "pretrained": str(folder)}, 32)
+        assert torch.equal(again.backbone.state_dict()[key], src.state_dict()[key])
+    (tmp_path / "run" / "model" / "model.safetensors").rename(tmp_path / "w.safetensors")
     from aessl.models import WeightsUnavailable, create_backbone
 
+    with pytest.raises(WeightsUnavailable, match="is a folder with no model.safetensors"):
+        create_backbone("test_resnet", str(tmp_path / "run"))
+    # timm loads non-strictly when the class count differs: a file for another architecture
+    # must still be an error, not a silent random init (embedding mode freezes that backbone)
     with pytest.raises(WeightsUnavailable, match="none of the weights|does not fit"):  # embedding mode's featureless backbone
         create_backbone("test_convnext3", str(tmp_path / "w.safetensors"), num_classes=0)
     with pytest.raises(WeightsUnavailable, match="does not fit"):

@@ -101,6 +101,12 @@ def create_backbone(name: str, pretrained=False, num_classes: int = NUM_BRACKETS
     """timm.create_model with our three kinds of `pretrained`: False, True, or a local file."""
     if isinstance(pretrained, (str, os.PathLike)) and str(pretrained).lower() not in ("true", "false"):
         path = Path(pretrained).expanduser()
+        if path.is_dir():  # a run folder or its model/ folder, as every other tool takes them
+            inside = [p for p in (path / "model.safetensors", path / "model" / "model.safetensors") if p.is_file()]
+            if not inside:
+                raise WeightsUnavailable(f"model.pretrained: {path} is a folder with no model.safetensors (nor "
+                                         "model/model.safetensors): name the weights file, or a finished run")
+            path = inside[0]
         if not path.is_file():
             raise WeightsUnavailable(f"model.pretrained: weights file not found: {path}")
         before = torch.get_rng_state()
