@@ -104,9 +104,12 @@ def write_outputs(spec, out: Path, study, errors: list[str]) -> int:
     print(frame[shown].to_string(index=False) if len(frame) else "(no finished runs)")
     print(f"wrote {out / 'results.parquet'} ({len(frame)} runs) and {report}")
     if errors:
-        print(f"{len(errors)} run(s) failed; run the same command again to retry them:", file=sys.stderr)
+        print(f"{len(errors)} run(s) failed (fix the cause, then run the same command again to retry them):",
+              file=sys.stderr)
         for e in errors:
-            print("  " + e.splitlines()[0], file=sys.stderr)
+            lines = [x.strip() for x in e.splitlines() if x.strip()]
+            why = [x for x in lines[1:] if x.startswith("error:")] or lines[-1:]  # train.py's own message, or the last line
+            print("  " + lines[0] + ("" if why == lines[:1] else "\n    " + why[-1]), file=sys.stderr)
         return 1
     if left:
         print(f"{left} run(s) still missing; run the same command again to finish them", file=sys.stderr)

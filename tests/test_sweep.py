@@ -67,6 +67,29 @@ def test_a_cell_with_a_bad_config_value_is_refused_before_anything_trains(tmp_pa
     assert not (tmp_path / "out" / "runs").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"axes": {"algorithm.name": ["supervised", "fixmach"]}}, "unknown algorithm 'fixmach'"),
+    ({"axes": {"algorithm.args.p_cutof": [0.9]}}, "algorithm.args.p_cutof"),
+    ({"axes": {"data.test": ["/nowhere/test"]}}, "not found: data.test=/nowhere/test"),
+    ({"axes": None, "search": {"space": {"model.nmae": ["test_resnet"]}, "trials": 1}}, "model.nmae"),
+    ({"axes": None, "search": {"space": {"train.lr": {"low": -1, "high": 0.01, "log": True}}}}, "log: true needs low > 0"),
+])
+def test_what_a_run_would_refuse_is_refused_before_anything_trains(tmp_path, toy_data, capsys, extra, message):
+    """--dry-run and a real start both check every cell (a search: the ends of its space) as train.py would."""
+    from conftest import script_in_process
+
+    spec = {k: v for k, v in {"axes": {"train.lr": [0.001]}, **extra}.items() if v is not None}
+    path = tiny_sweep(tmp_path, toy_data, **spec)
+    if "axes" not in spec:
+        spec_text = yaml.safe_load(path.read_text())
+        spec_text.pop("axes")
+        write_sweep(path, **spec_text)
+    for dry in (["--dry-run"], []):
+        assert script_in_process("sweep.py", path, "--out", tmp_path / "out", *dry) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_cells_cross_or_zip_the_axes_with_stable_folder_names():
     spec = sw.Sweep(path=Path("x.yaml"), name="x", base=Path("b"), overrides=[], data={},
                     axes={"data.image_size": [32, 64], "model.name": ["a", "b"]}, combine="grid", seeds=[0],

@@ -117,16 +117,23 @@ def algorithm_args(cls, name: str, user_args: dict, common: dict) -> argparse.Na
     return argparse.Namespace(**values)
 
 
-def build_algorithm(name: str, model, *, user_args: dict, num_train_iter: int, lambda_u: float,
-                    ulb_dest_len: int, lb_dest_len: int, lb_prior=None, ema_m: float = 0.999,
-                    rank: int = 0, world_size: int = 1):
-    """An instance of USB algorithm `name` (or one of ours) bound to `model`."""
+def check_algorithm(name: str, user_args: dict) -> None:
+    """What build_algorithm would refuse about `name` and its algorithm.args, without a model:
+    AlgorithmArgumentError naming it (a sweep checks every cell with this before training)."""
     reg = _registry()
     if name in UNSUPPORTED_WHY:
         raise AlgorithmArgumentError(f"algorithm {name!r} is not supported here: {UNSUPPORTED_WHY[name]}")
     if name not in reg._dict or (name not in SUPPORTED and not _is_own(reg[name])):
         raise AlgorithmArgumentError(f"unknown algorithm {name!r}; choose one of {available()}")
-    cls = reg[name]
+    algorithm_args(reg[name], name, user_args, {})
+
+
+def build_algorithm(name: str, model, *, user_args: dict, num_train_iter: int, lambda_u: float,
+                    ulb_dest_len: int, lb_dest_len: int, lb_prior=None, ema_m: float = 0.999,
+                    rank: int = 0, world_size: int = 1):
+    """An instance of USB algorithm `name` (or one of ours) bound to `model`."""
+    check_algorithm(name, user_args)
+    cls = _registry()[name]
     common = dict(
         algorithm=name, num_classes=NUM_BRACKETS, ema_m=ema_m, epoch=1, num_train_iter=num_train_iter,
         num_eval_iter=num_train_iter, num_log_iter=num_train_iter, ulb_loss_ratio=lambda_u, use_cat=True,

@@ -190,6 +190,8 @@ def _check_search(search, path) -> dict:
             raise SweepError(f"{path}: search.space.{key} must be a list of choices or {{low, high[, log, step]}}")
         if not float(dist["low"]) < float(dist["high"]):
             raise SweepError(f"{path}: search.space.{key}: low must be below high")
+        if dist.get("log") and not float(dist["low"]) > 0:
+            raise SweepError(f"{path}: search.space.{key}: log: true needs low > 0 (got {dist['low']})")
     return {"trials": trials, "space": search["space"]}
 
 
@@ -511,17 +513,42 @@ def _is_int_range(dist: dict) -> bool:
 
 
 def check_cells(sweep: Sweep, runner: Runner) -> None:
-    """Every cell's config must load (unknown keys, bad values) before anything trains."""
+    """Every cell's config must load (unknown keys, bad values), name a known algorithm with
+    arguments it takes, and name data paths that exist, before anything trains; a search
+    checks the ends of its space (every low or first choice, every high or last choice)."""
+    from .algorithms import AlgorithmArgumentError, check_algorithm
     from .config import ConfigError, load_config
 
-    probes = ([c for c in cells(sweep)] if not sweep.is_search else
-              [Cell("probe", {}, [])])
+    if sweep.is_search:
+        space = sweep.search["space"]
+        ends = [{k: d[0] if isinstance(d, list) else d["low"] for k, d in space.items()},
+                {k: d[-1] if isinstance(d, list) else d["high"] for k, d in space.items()}]
+        probes = [Cell("probe", v, [as_override(k, x) for k, x in v.items()]) for v in ends]
+    else:
+        probes = list(cells(sweep))
     for c in probes:
         overrides = runner.overrides(c, sweep.seeds[0])
         try:
-            load_config(sweep.base, [*overrides, f"output_dir={runner.out / 'runs' / 'probe'}"])
-        except ConfigError as exc:
+            cfg = load_config(sweep.base, [*overrides, f"output_dir={runner.out / 'runs' / 'probe'}"])
+            check_algorithm(cfg.algorithm.name, dict(cfg.algorithm.args))
+            missing = [f"data.{k}={v}" for k, v in ((k, cfg.data[k]) for k in ("labeled", "test", "unlabeled"))
+                       if _local_path(v) and _missing(Path(v) if os.path.isabs(v) else ROOT / v, runner.out)]
+            if missing:
+                raise ConfigError(f"not found: {', '.join(missing)}")
+        except (ConfigError, AlgorithmArgumentError) as exc:
             raise SweepError(f"{sweep.path}: cell {c.values or '(base)'}: {exc}") from None
+
+
+def _missing(path: Path, out: Path) -> bool:
+    """Not there, and not something this sweep makes (a before-run's files appear as it trains)."""
+    inside = os.path.realpath(path).startswith(os.path.realpath(out) + os.sep)
+    return not inside and not path.exists()
+
+
+def _local_path(value) -> bool:
+    """A data source that names one file or folder here (not hub:, a URL or a shard pattern)."""
+    return isinstance(value, str) and bool(value) and ":" not in value.split("/")[0] and not any(
+        ch in value for ch in "{*?[")
 
 
 def train_before(sweep: Sweep, out: Path, shared: list[str], where: dict, keep_checkpoints: bool) -> None:
