@@ -142,8 +142,15 @@ def test_duplicates_identical_and_near_identical(tmp_path):
     assert pairs[(0, 1)] == "identical bytes"
     assert pairs[(0, 2)].startswith("near-identical") and pairs[(1, 2)].startswith("near-identical")
     assert not any(3 in k for k in pairs)
-    # the same file named twice (several raters) is not a duplicate of itself
-    assert clean.duplicate_pairs(clean.fingerprints([paths[0], paths[0]]), [paths[0], paths[0]]) == []
+    # the same file named twice: two raters' scores are not a duplicate, two rows with no rater (or one
+    # rater twice) are, and a test image that is a labeled file is a pair between the sets
+    twice = [paths[0], paths[0]]
+    prints = clean.fingerprints(twice)
+    assert clean.duplicate_pairs(prints, twice, raters=["ann", "bob"]) == []
+    assert clean.duplicate_pairs(prints, twice) == [(0, 1, "the same file")]
+    assert clean.duplicate_pairs(prints, twice, raters=["ann", "ann"]) == [(0, 1, "the same file")]
+    between = clean.duplicate_pairs(clean.fingerprints(paths), paths, clean.fingerprints(paths[3:]), paths[3:])
+    assert between == [(3, 0, "the same file")]
 
 
 def test_folds_reduced_or_refused(caplog):

@@ -36,9 +36,9 @@
                 the 32 x 32 grey image, 64 bits) within PHASH_BITS bits AND correlation of the
                 32 x 32 RGB thumbnails >= NEAR_CORR (the hash alone pairs distinct
                 images of the same layout; the correlation alone is O(n^2); the thresholds'
-                measurements are in docs/data_quality.md). Rows naming the same file (several
-                raters) are not duplicates of each other. With a test set: test images that
-                are (near) copies of labeled ones.
+                measurements are in docs/data_quality.md). Rows naming the same file are
+                duplicates unless they are two raters' scores of it. With a test set: test
+                images that are labeled files or (near) copies of them.
 
 Unreadable images (and files that cannot be read) are skipped and counted, as the pool is
 in training: listed in issues.csv as kind `unreadable` and left out of cleaned.csv, which
@@ -385,14 +385,18 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else float(np.array_equal(a, b))
 
 
-def duplicate_pairs(a: Prints, paths_a: list[str], b: Prints | None = None, paths_b: list[str] | None = None):
+def duplicate_pairs(a: Prints, paths_a: list[str], b: Prints | None = None, paths_b: list[str] | None = None,
+                    raters: list | None = None):
     """Pairs (i, j, how) of identical or near-identical images: within `a` (i < j) or, with
-    `b`, between a[i] and b[j]. how: 'identical bytes' or 'near-identical (...)'. Rows that
-    name the same file are never a pair."""
+    `b`, between a[i] and b[j]. how: 'the same file', 'identical bytes' or 'near-identical
+    (...)'. Within `a`, rows naming the same file are a pair only when they are not two
+    raters' scores of it (`raters`: each row's rater or None); between sets, always (a test
+    image that is a labeled one)."""
     within = b is None
     b, paths_b = (a, paths_a) if within else (b, paths_b)
     real_a = [os.path.realpath(p) for p in paths_a]
     real_b = real_a if within else [os.path.realpath(p) for p in paths_b]
+    raters = raters or [None] * len(paths_a)
     by_sha: dict[str, list[int]] = {}
     for j, s in enumerate(b.sha):
         if s is not None:
@@ -400,9 +404,12 @@ def duplicate_pairs(a: Prints, paths_a: list[str], b: Prints | None = None, path
     pairs, seen = [], set()
     for i, s in enumerate(a.sha):
         for j in by_sha.get(s, []) if s is not None else []:
-            if (within and j <= i) or real_a[i] == real_b[j]:
+            if within and j <= i:
                 continue
-            pairs.append((i, j, "identical bytes"))
+            same = real_a[i] == real_b[j]
+            if same and within and raters[i] is not None and raters[j] is not None and raters[i] != raters[j]:
+                continue  # two raters' scores of one image: rater disagreement, not a duplicate
+            pairs.append((i, j, "the same file" if same else "identical bytes"))
             seen.add((i, j))
     ia, ib = np.flatnonzero(a.ok), np.flatnonzero(b.ok)
     for s in range(0, len(ia), 512):
@@ -479,7 +486,7 @@ def run_clean(labeled, out, accelerator, model=None, backbone=None, pretrained=N
     analysis = {"rows": rows, "P": P, "given": given, "ordinal": ordinal_scores(P, given),
                 "cleanlab": cleanlab_scores(P, given), "outlier": outlier_scores(X)}
     analysis["flagged"] = flag_labels(analysis["cleanlab"], analysis["ordinal"], flag_by)
-    dups = duplicate_pairs(prints, paths)
+    dups = duplicate_pairs(prints, paths, raters=list(table["rater"]) if "rater" in table.column_names else None)
     test_dups, test_paths, test_given = [], [], None
     if test_table is not None:
         test_paths = list(test_table["path"])
