@@ -125,7 +125,7 @@ def test_clusters_recover_tastes_and_stratified_beats_pooled():
     assert ev["stratified"]["mae"] < ev["pooled"]["mae"] - 0.1  # ... and the pooled head under-weights it
 
 
-def test_bad_inputs_name_the_file_and_the_raters(rated, tmp_path):
+def test_bad_inputs_name_the_file_and_the_raters(rated, tmp_path, caplog):
     out_set, _ = rated
     no_rater = tmp_path / "plain.csv"
     no_rater.write_text("path,score\n" + "".join(f"{out_set / r['path']},{r['score']}\n"
@@ -146,4 +146,9 @@ def test_bad_inputs_name_the_file_and_the_raters(rated, tmp_path):
     assert "newbie" not in R.load_ratings(few, "--labeled", min_images=3, exclude=["newbie"]).raters
     with pytest.raises(R.RatersError, match="--exclude: no rater named ghost"):
         R.load_ratings(few, "--labeled", exclude=["ghost"])
+    with open(few, "a", newline="") as f:  # one rater scoring one image twice is said, not silently counted
+        csv.writer(f).writerow([out_set / rows[0]["path"], 9, rows[0]["rater"]])
+    with caplog.at_level("WARNING"):
+        R.load_ratings(few, "--labeled")
+    assert "1 (image, rater) pair(s) are scored more than once" in caplog.text
     assert raters_in_process("--labeled", no_rater, "--out", tmp_path / "o") == 2

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,14 @@ def load_ratings(source, option: str, min_images: int = 0, exclude=(), need_rate
     out = Ratings(list(uniq), image.astype(np.int64), np.asarray([str(r) for r in rater], dtype=object)[keep],
                   scores[keep])
     out.raters = sorted(set(out.rater.tolist())) if has else []
+    if has:
+        pairs = Counter(zip(out.image.tolist(), out.rater.tolist()))
+        repeated = [(out.paths[i], name, n) for (i, name), n in pairs.items() if n > 1]
+        if repeated:
+            path, name, n = repeated[0]
+            log.warning("%s %s: %d (image, rater) pair(s) are scored more than once (e.g. %s by %s, %d times); "
+                        "kept as given: agreement reads the rater's mean score of the image, the rater's head trains on "
+                        "every row", option, source, len(repeated), path, name, n)
     if has and need_raters:
         _check_counts(out, option, source, min_images)
     return out
