@@ -73,6 +73,10 @@ def dry_run(spec, out: Path) -> int:
 
     shared = ["data.labeled=<generated>/labeled", "data.test=<generated>/test",
               "data.unlabeled=<generated>/unlabeled"] if "synth" in spec.data else []
+    for key in ("labeled", "test", "unlabeled"):  # data given as paths: what the runs will get
+        if key in spec.data:
+            path = sw.resolve_path(str(spec.data[key]), spec.path)
+            shared = [o for o in shared if not o.startswith(f"data.{key}=")] + [f"data.{key}={path}"]
     runner = sw.Runner(spec, out, shared, {"out": out, "data": out / "data",
                                             **{f"data.{n}": out / "data" / n for n in spec.data.get("more", {})},
                                             **{f"before.{n}": out / "before" / n for n in spec.before}})

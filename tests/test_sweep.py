@@ -90,6 +90,19 @@ def test_what_a_run_would_refuse_is_refused_before_anything_trains(tmp_path, toy
     assert not (tmp_path / "out" / "runs").exists()
 
 
+def test_dry_run_prints_the_commands_the_runs_get(tmp_path, toy_data, capsys):
+    """Data given as paths in the sweep file reach --dry-run's commands as they reach the runs."""
+    from conftest import script_in_process
+
+    path = write_sweep(tmp_path / "t.yaml", name="t", base="configs/demo.yaml", overrides=[*TINY],
+                       axes={"train.lr": [0.001, 0.003, 0.01]}, seeds=[0],
+                       data={k: str(toy_data[k]) for k in ("labeled", "test")})
+    assert script_in_process("sweep.py", path, "--out", tmp_path / "out", "--dry-run") == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("lr-")]
+    assert len(lines) == 3 and all(f"data.labeled={toy_data['labeled']} data.test={toy_data['test']} " in x
+                                   for x in lines), lines
+
+
 def test_cells_cross_or_zip_the_axes_with_stable_folder_names():
     spec = sw.Sweep(path=Path("x.yaml"), name="x", base=Path("b"), overrides=[], data={},
                     axes={"data.image_size": [32, 64], "model.name": ["a", "b"]}, combine="grid", seeds=[0],

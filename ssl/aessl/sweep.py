@@ -127,7 +127,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise SweepError(f"{path}: {key} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
         return value
 
-    base = _resolve(need("base", str, "configs/demo.yaml"), path)
+    base = resolve_path(need("base", str, "configs/demo.yaml"), path)
     if not base.is_file():
         raise SweepError(f"{path}: base config not found: {base}")
     axes = need("axes", dict, {})
@@ -195,7 +195,7 @@ def _check_search(search, path) -> dict:
     return {"trials": trials, "space": search["space"]}
 
 
-def _resolve(value: str, sweep_file: Path) -> Path:
+def resolve_path(value: str, sweep_file: Path) -> Path:
     """A path in a sweep file: absolute, else relative to the repository root if it exists
     there (configs/...), else to the sweep file's folder."""
     p = Path(value).expanduser()
@@ -267,7 +267,7 @@ def prepare_data(sweep: Sweep, out: Path) -> tuple[list[str], dict]:
                       f"data.unlabeled={folder / 'unlabeled'}"]
     for key in ("labeled", "test", "unlabeled"):
         if key in data:
-            path = _resolve(str(data[key]), sweep.path)
+            path = resolve_path(str(data[key]), sweep.path)
             if not path.exists():
                 raise SweepError(f"{sweep.path}: data.{key} not found: {path}")
             overrides = [o for o in overrides if not o.startswith(f"data.{key}=")] + [f"data.{key}={path}"]
