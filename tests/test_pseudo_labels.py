@@ -6,6 +6,7 @@ train a few steps each. Most checks of the export reader call aessl.pseudo direc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -171,14 +172,20 @@ def _rewrite_shard(path: Path, change) -> None:
 
 
 @pytest.mark.parametrize("case", ["not_export", "zero_byte_shard", "unfinished", "missing_column", "not_distribution",
-                                  "missing_folder"])
+                                  "missing_folder", "image_changed_since"])
 def test_bad_export_folders_are_clear_errors(case, world, tmp_path):
     bad = tmp_path / "exp"
     shutil.copytree(world["exp_all"], bad)
     shard = sorted(bad.glob("part-*.parquet"))[0]
     expect = {"not_export": "no manifest.json", "zero_byte_shard": f"{shard}: an empty file (0 bytes)",
               "unfinished": "unfinished export", "missing_column": f"{shard}: lacks column(s) prob_3",
-              "not_distribution": f"{shard}: row 0", "missing_folder": "not found"}[case]
+              "not_distribution": f"{shard}: row 0", "missing_folder": "not found",
+              "image_changed_since": "1 of its images were modified after the export finished"}[case]
+    changed = None
+    if case == "image_changed_since":  # a pool image rewritten under its name after the export
+        changed = Path(pq.read_table(shard, columns=["path"]).column("path")[0].as_py())
+        before = changed.stat()
+        os.utime(changed, (before.st_atime + 3600, before.st_mtime + 3600))
     if case == "not_export":
         bad = world["pool"]
     elif case == "zero_byte_shard":
@@ -191,10 +198,14 @@ def test_bad_export_folders_are_clear_errors(case, world, tmp_path):
     elif case == "not_distribution":
         _rewrite_shard(shard, lambda t: t.set_column(t.schema.get_field_index("prob_0"), "prob_0",
                                                     pa.array(t.column("prob_0").to_numpy() + 0.5)))
-    else:
+    elif case == "missing_folder":
         bad = tmp_path / "nowhere"
-    with pytest.raises(pseudo.PseudoLabelError) as err:
-        load(world, str(bad), accepted_only=False)
+    try:
+        with pytest.raises(pseudo.PseudoLabelError) as err:
+            load(world, str(bad), accepted_only=False)
+    finally:
+        if changed is not None:
+            os.utime(changed, (before.st_atime, before.st_mtime))
     assert expect in str(err.value) and str(bad) in str(err.value)
 
 

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +259,9 @@ def resolve_images(folder: Path, export: dict) -> tuple[list, str]:
             return tar, "tar"
     local_files = not images.startswith("hub:") and not _is_saved_dataset(Path(images))
     if kind == "files" or (kind == "stream" and local_files):
-        return [p if os.path.isabs(p) else os.path.abspath(p) for p in export["paths"]], "path"
+        paths = [p if os.path.isabs(p) else os.path.abspath(p) for p in export["paths"]]
+        _refuse_changed_images(folder, manifest, paths)
+        return paths, "path"
     if kind != "dataset":
         raise _fail(folder, f"exported from a streamed dataset ({images}): its rows cannot be read back by index. "
                             "Supported: exports of a folder or a manifest of files (streamed or not), and of a "
@@ -278,6 +281,27 @@ def resolve_images(folder: Path, export: dict) -> tuple[list, str]:
         raise _fail(folder, f"the dataset {images} has no 'image' column")
     sub = pool.select(export["rows"]).select_columns(["image"])
     return sub, "dataset"
+
+
+def _refuse_changed_images(folder: Path, manifest: dict, paths: list[str]) -> None:
+    """An image modified after the export finished holds other pixels than the ones its
+    probabilities describe (a re-crawl that overwrote the pool under the same names): refused,
+    naming how many. (A file missing now is skipped at training like any unreadable one.)"""
+    finished = manifest.get("finished")
+    try:
+        cut = datetime.fromisoformat(finished).timestamp() + 1.0  # the manifest keeps whole seconds
+    except (TypeError, ValueError):
+        return  # an export without a finish time (hand-made): nothing to compare with
+    changed = []
+    for p in paths:
+        try:
+            if os.stat(p).st_mtime > cut:
+                changed.append(p)
+        except OSError:
+            continue
+    if changed:
+        raise _fail(folder, f"{len(changed)} of its images were modified after the export finished ({finished}), "
+                            f"e.g. {changed[0]}: its scores describe the old pictures; export the pool again")
 
 
 def _image_key(src) -> str | None:
