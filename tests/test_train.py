@@ -30,6 +30,10 @@ def test_kill_and_resume_ends_like_uninterrupted_run(toy_data, tmp_path):
     killed = train_until_killed(common, broken, kill_at=5)
     assert killed.returncode == 137
     assert not (broken / "model").exists()
+    from aessl.models import resolve_model_folder
+
+    with pytest.raises(FileNotFoundError, match="has not finished.*resume=true"):  # export, report, app ... say so
+        resolve_model_folder(broken)
     # a checkpoint write interrupted half-way leaves a temp folder: it must be ignored
     (broken / "checkpoints" / ".tmp-step_0000006").mkdir()
     assert [p.name for p in (broken / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_0000003"]

@@ -256,6 +256,10 @@ def resolve_model_folder(path: str | Path) -> Path:
         return path
     if (path / "model" / "config.json").is_file():
         return path / "model"
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a run that has not finished
+        raise FileNotFoundError(f"{path}: a run folder with no model/ yet (the run has not finished): finish it with "
+                                f"ssl/train.py ... output_dir={path} resume=true, which continues from its last "
+                                "checkpoint and writes model/")
     raise FileNotFoundError(f"{path}: not a model folder (needs config.json and model.safetensors) or a run folder with model/")
 
 
