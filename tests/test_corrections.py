@@ -124,6 +124,19 @@ def test_apply_to_labels(world):
     assert (info["labels_added"], info["labels_replaced"], info["labels_removed"], info["test_images_left_out"]) == (2, 1, 1, 1)
 
 
+def test_a_copy_of_a_test_image_is_left_out_like_the_test_image(world, tmp_path):
+    """A re-scored byte copy of a test image (another name) would train on the test set: left out, counted."""
+    copy = tmp_path / "testcopy.png"
+    shutil.copy(world["test"] / "07" / "img_7_1.png", copy)
+    log = corr.CorrectionsLog(tmp_path / "c.csv")
+    log.record(str(copy), "rescore", 7.0)
+    log.record(str(world["pool_images"][5]), "accept", 4.0)
+    got, info = corr.apply_to_labels(corr.read_corrections(tmp_path / "c.csv"), load_scored_set(world["labeled"]),
+                                     load_scored_set(world["test"])["path"])
+    assert str(copy) not in set(got["path"]) and str(world["pool_images"][5]) in set(got["path"])
+    assert (info["test_images_left_out"], info["labels_added"]) == (1, 1)
+
+
 def test_unreadable_corrected_image_is_refused_naming_the_file(world, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")

@@ -237,18 +237,21 @@ def apply_to_labels(corr: Corrections, train_set, test_paths, check_images: bool
 
     Accepted and re-scored images become labels (one row each, replacing every row of that
     image, raters' rows included); rejected images leave the labels; test images are left
-    out and counted. The images that join must be readable (LabeledSetError otherwise,
+    out and counted (by path, or by content: a byte copy of a test image). The images that join must be readable (LabeledSetError otherwise,
     naming the corrections file)."""
     import datasets
 
     from .data import LabeledSetError, validate_images
     from .metrics import bracket_of
 
+    from .overlap import TestIndex
+
     test = {_key(p) for p in test_paths}
+    index = TestIndex(list(test_paths)) if check_images and corr.labels else None  # copies too, as pseudo-labels
     labels = {}
     dropped_test = 0
     for path, score in corr.labels.items():
-        if _key(path) in test:
+        if _key(path) in test or (index is not None and index.match(path) is not None):
             dropped_test += 1
         else:
             labels[_key(path)] = (path, score)
