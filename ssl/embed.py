@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     except (LabeledSetError, DataSourceError, EmbeddingError, WeightsUnavailable) as exc:
         if accelerator.is_main_process:
             print(f"error: {exc}", file=sys.stderr)
+        # the process group is closed here, not by the interpreter's teardown, where a gloo peer
+        # that already left has been seen to abort this process (SIGABRT) instead of exit 2
+        accelerator.end_training()
         return 2
     if accelerator.is_main_process:
         counts = {name: {"images": len(t), "skipped": len(feats["skipped"][name])} for name, t in feats["tables"].items()}
