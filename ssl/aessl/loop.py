@@ -615,9 +615,8 @@ def write_model(run: Run, trainer: Trainer, final_model: torch.nn.Module, info: 
                                                      "eval_seconds": round(trainer.eval_seconds, 3)}))
     last = trainer.last_metrics or runfolder.read_metrics(run_dir)[-1]
     print(f"\nrun folder: {run_dir}  ({time.time() - trainer.t0:.0f}s, {run.world} process(es))")
-    final = {k: round(last[k], 4) if isinstance(last[k], float) and math.isfinite(last[k]) else last[k]
-             for k in FINAL_KEYS}
-    final = {k: runfolder.null_if_not_finite(v) for k, v in final.items()}
+    final = {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else runfolder.null_if_not_finite(v)
+             for k, v in ((k, last[k]) for k in FINAL_KEYS)}
     print("final metrics: " + json.dumps(final, allow_nan=False))
 
 
